@@ -1,0 +1,125 @@
+"""MPIIFaceGaze in the preprocessed HDF5 layout (the file hysts/pytorch_mpiigaze writes).
+
+Layout (SPEC section 2): one dataset per sample, ``pXX/image/NNNN`` (HxWx3 uint8, **BGR**),
+``pXX/gaze/NNNN`` (pitch, yaw rad) and ``pXX/pose/NNNN`` (head pitch, yaw rad). Our synthetic
+faces are written in the same layout so that one loader reads synthetic and real data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Union
+
+import h5py
+import numpy as np
+
+from gazeguard.data.source import GazeSource
+from gazeguard.errors import DataFormatError
+
+_SUBJECT = re.compile(r"^p\d+$")
+_PARTS = ("image", "gaze", "pose")
+
+
+class MPIIFaceGazeH5(GazeSource):
+    """Reads the per-sample HDF5 layout; labels are validated and loaded at construction."""
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise DataFormatError(f"{path}: no such file")
+        if not h5py.is_hdf5(path):
+            raise DataFormatError(f"{path}: not an HDF5 file (or truncated)")
+        try:
+            with h5py.File(path, "r") as f:
+                keys, gaze, pose, groups = _read_labels(path, f)
+        except OSError as err:  # truncated or corrupted file content
+            raise DataFormatError(f"{path}: cannot be read as HDF5 ({err})") from err
+        self.keys = keys
+        self.pose = pose
+        super().__init__(path, "angle", gaze, groups)
+
+    def describe(self, index: int) -> str:
+        subject, key = self.keys[index]
+        return f"{subject}/gaze/{key}"
+
+    def _open(self) -> h5py.File:
+        return h5py.File(self.path, "r")
+
+    def _read(self, handle: h5py.File, index: int) -> np.ndarray:
+        subject, key = self.keys[index]
+        try:
+            bgr = handle[f"{subject}/image/{key}"][()]
+        except (KeyError, OSError) as err:
+            raise DataFormatError(f"{self.path}: cannot read {subject}/image/{key} ({err})") from err
+        if bgr.ndim != 3 or bgr.shape[2] != 3:
+            raise DataFormatError(f"{self.path}: {subject}/image/{key} has shape {bgr.shape}, expected HxWx3")
+        return np.ascontiguousarray(bgr[..., ::-1])
+
+
+def _read_labels(path: Path, f: h5py.File) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray, np.ndarray]:
+    subjects = sorted(k for k in f.keys() if _SUBJECT.match(k))
+    if not subjects:
+        raise DataFormatError(
+            f"{path}: no subject groups pXX at the top level (found {sorted(f.keys())[:5]}); "
+            "expected the MPIIFaceGaze layout pXX/{image,gaze,pose}/NNNN"
+        )
+    keys: list[tuple[str, str]] = []
+    gaze: list[np.ndarray] = []
+    pose: list[np.ndarray] = []
+    for subject in subjects:
+        group = f[subject]
+        missing = [p for p in _PARTS if p not in group]
+        if missing:
+            raise DataFormatError(f"{path}: {subject} lacks {'/'.join(missing)} (expected {subject}/{{image,gaze,pose}})")
+        names = sorted(group["gaze"].keys())
+        for part in ("image", "pose"):
+            if sorted(group[part].keys()) != names:
+                raise DataFormatError(f"{path}: {subject}/{part} and {subject}/gaze hold different sample keys")
+        for name in names:
+            g = np.asarray(group["gaze"][name][()], dtype=np.float32).reshape(-1)
+            p = np.asarray(group["pose"][name][()], dtype=np.float32).reshape(-1)
+            if g.shape != (2,) or p.shape != (2,):
+                raise DataFormatError(
+                    f"{path}: {subject}/gaze/{name} or pose has {g.size}/{p.size} values, expected 2 (pitch, yaw)"
+                )
+            keys.append((subject, name))
+            gaze.append(g)
+            pose.append(p)
+    groups = np.array([s for s, _ in keys])
+    return keys, np.stack(gaze), np.stack(pose), groups
+
+
+def write_mpiifacegaze_h5(
+    path: Union[str, Path],
+    images_rgb: np.ndarray,
+    gaze: np.ndarray,
+    pose: np.ndarray,
+    subject: np.ndarray,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write samples in the MPIIFaceGaze layout (images stored BGR, as the real file does).
+
+    Written to a temporary file and renamed at the end, so an interrupted run never leaves a
+    half-written file where a cache lookup would find it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    counters: dict[int, int] = {}
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+            for image, g, p, s in zip(images_rgb, gaze, pose, subject):
+                index = counters.get(int(s), 0)
+                counters[int(s)] = index + 1
+                name = f"p{int(s):02d}"
+                f.create_dataset(f"{name}/image/{index:04d}", data=np.ascontiguousarray(image[..., ::-1]))
+                f.create_dataset(f"{name}/gaze/{index:04d}", data=np.asarray(g, dtype=np.float32))
+                f.create_dataset(f"{name}/pose/{index:04d}", data=np.asarray(p, dtype=np.float32))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,93 @@
+"""On-disk gaze data behind one small interface.
+
+A :class:`GazeSource` keeps the labels of a dataset in memory (they are small) and reads images
+lazily, one sample at a time. The file handle is opened on first use *in each process* and
+dropped when the source is pickled, so DataLoader workers each open their own handle (HDF5
+handles must not be shared across ``fork``).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from gazeguard.errors import DataFormatError
+from gazeguard.gaze import TARGET_KINDS, TargetKind
+
+
+class GazeSource(ABC):
+    """Labels in memory, images on disk.
+
+    Attributes:
+        path: the file or folder the data comes from (named in every error).
+        kind: ``"angle"`` (pitch/yaw rad) or ``"point"`` (cm).
+        labels: ``(N, 2)`` float32 targets.
+        groups: ``(N,)`` subject / recording id of each sample (for subject-disjoint splits).
+        splits: ``(N,)`` the dataset's own split names (``train``/``val``/``test``), or ``None``
+            when the protocol is leave-subjects-out.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        kind: TargetKind,
+        labels: np.ndarray,
+        groups: np.ndarray,
+        splits: Optional[np.ndarray] = None,
+    ) -> None:
+        if kind not in TARGET_KINDS:
+            raise DataFormatError(f"{path}: unknown target kind {kind!r}")
+        labels = np.asarray(labels, dtype=np.float32)
+        if labels.ndim != 2 or labels.shape[1] != 2:
+            raise DataFormatError(f"{path}: labels must have shape (N, 2), got {labels.shape}")
+        if len(labels) == 0:
+            raise DataFormatError(f"{path}: holds no samples")
+        bad = np.flatnonzero(~np.isfinite(labels).all(axis=1))
+        if len(bad):
+            raise DataFormatError(
+                f"{path}: {len(bad)} non-finite (NaN/inf) labels, first at {self.describe(int(bad[0]))}"
+            )
+        self.path = Path(path)
+        self.kind: TargetKind = kind
+        self.labels = labels
+        self.groups = np.asarray(groups)
+        self.splits = None if splits is None else np.asarray(splits)
+        self._handle: Any = None
+        self._handle_pid: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self, index: int) -> str:
+        """Human-readable name of a sample, used in error messages."""
+        return f"sample {index}"
+
+    @abstractmethod
+    def _open(self) -> Any:
+        """Open the underlying file(s); called once per process."""
+
+    @abstractmethod
+    def _read(self, handle: Any, index: int) -> np.ndarray:
+        """Read one image as ``(H, W, 3)`` uint8 **RGB**."""
+
+    def read_image(self, index: int) -> np.ndarray:
+        if self._handle is None or self._handle_pid != os.getpid():
+            self._handle = self._open()
+            self._handle_pid = os.getpid()
+        image = self._read(self._handle, index)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise DataFormatError(
+                f"{self.path}: {self.describe(index)} is not an HxWx3 uint8 image "
+                f"(shape {image.shape}, dtype {image.dtype})"
+            )
+        return image
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_handle_pid"] = None
+        return state

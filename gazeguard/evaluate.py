@@ -1,0 +1,63 @@
+"""Plain evaluation loops shared by the CLIs, the benchmarks and the defenses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from gazeguard.gaze import TargetKind, gaze_distance
+from gazeguard.metrics import GazeError
+
+BatchLike = Union[Mapping[str, Tensor], Sequence[Tensor], Tensor]
+
+
+def batch_images(batch: BatchLike) -> Tensor:
+    """The image tensor of a gazeguard dict batch, an ``(x, y, ...)`` tuple or a bare tensor."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        return batch["image"]
+    return batch[0]
+
+
+@dataclass
+class Predictions:
+    """Model outputs on a dataset, with the references and subject indices they belong to."""
+
+    pred: Tensor
+    gaze: Tensor
+    group: Tensor
+
+    def errors(self, kind: TargetKind) -> Tensor:
+        return gaze_distance(self.pred, self.gaze, kind)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable[Mapping[str, Tensor]]) -> Predictions:
+    """Run ``model`` in eval mode over a loader of gazeguard dict batches (restores its mode)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds, gazes, groups = [], [], []
+    try:
+        for batch in loader:
+            preds.append(model(batch["image"].to(device)).float().cpu())
+            gazes.append(batch["gaze"])
+            groups.append(batch["group"])
+    finally:
+        model.train(was_training)
+    return Predictions(torch.cat(preds), torch.cat(gazes), torch.cat(groups))
+
+
+def error_by_group(predictions: Predictions, kind: TargetKind, names: Sequence[str]) -> dict[str, float]:
+    """Mean error per subject (by name), computed with :class:`GazeError`."""
+    out: dict[str, float] = {}
+    for index in predictions.group.unique().tolist():
+        mask = predictions.group == index
+        metric = GazeError(kind)
+        metric.update(predictions.pred[mask], predictions.gaze[mask])
+        out[str(names[index])] = float(metric.compute())
+    return out

@@ -1,0 +1,123 @@
+"""``python -m gazeguard.fit``: train a gaze regressor and print a readable summary.
+
+Built on LightningCLI, so every option of the model (``--model.*``), the data
+(``--data.*``) and the Trainer (``--trainer.*``) is a documented flag, ``--config FILE.yaml``
+reads a config and ``--print_config`` shows the resolved one. ``--seed`` fixes every random
+source: initialisation, data split and order, augmentation.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from gazeguard.data.datamodule import GazeDataModule
+from gazeguard.errors import GazeguardError
+from gazeguard.evaluate import error_by_group, predict
+from gazeguard.gaze import UNITS
+from gazeguard.metrics import GazeError
+from gazeguard.model import GazeRegressor
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 12,
+    "default_root_dir": "runs",
+    "accelerator": "auto",
+    "devices": 1,
+    "log_every_n_steps": 20,
+}
+DATA_DEFAULTS: dict[str, Any] = {"data.test_subjects": ["p12", "p13", "p14"]}
+
+
+class GazeCLI(LightningCLI):
+    """LightningCLI with gazeguard's options: ``--seed`` (one seed for everything)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data split/order and augmentation.")
+        parser.link_arguments("seed", "data.seed")
+        parser.set_defaults(DATA_DEFAULTS)
+
+    def before_instantiate_classes(self) -> None:
+        L.seed_everything(self.config["seed"], workers=True, verbose=False)
+
+
+def build_cli(args: Optional[list[str]] = None) -> GazeCLI:
+    return GazeCLI(
+        GazeRegressor,
+        GazeDataModule,
+        run=False,
+        seed_everything_default=False,
+        trainer_defaults=TRAINER_DEFAULTS,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": __doc__.split("\n")[0], "default_env": False},
+        args=args,
+    )
+
+
+def summarize(cli: GazeCLI, seconds: float) -> dict[str, Any]:
+    """Per-subject and mean test error, the constant-predictor baseline, time and checkpoint."""
+    data: GazeDataModule = cli.datamodule
+    model: GazeRegressor = cli.model
+    kind = data.kind
+    predictions = predict(model, data.test_dataloader())
+    mean_train = torch.as_tensor(data.source.labels[data.split_indices["train"]].mean(axis=0))
+    constant = GazeError(kind)
+    constant.update(mean_train.expand_as(predictions.gaze), predictions.gaze)
+    overall = GazeError(kind)
+    overall.update(predictions.pred, predictions.gaze)
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+    return {
+        "kind": kind,
+        "per_subject": error_by_group(predictions, kind, data.split_dataset("test").group_names),
+        "test_error": float(overall.compute()),
+        "constant_error": float(constant.compute()),
+        "seconds": seconds,
+        "checkpoint": checkpoint,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    unit = UNITS[summary["kind"]]
+    name = "angular" if summary["kind"] == "angle" else "point"
+    lines = ["", "== gazeguard fit summary =="]
+    lines += [f"  {subject}: {error:.2f} {unit}" for subject, error in summary["per_subject"].items()]
+    lines += [
+        f"test {name} error: {summary['test_error']:.2f} {unit}",
+        f"constant predictor (mean training gaze): {summary['constant_error']:.2f} {unit}",
+        f"time: {summary['seconds']:.1f} s",
+        f"checkpoint: {summary['checkpoint'] or '(checkpointing disabled)'}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: Optional[list[str]] = None) -> dict[str, Any]:
+    start = time.perf_counter()
+    cli = build_cli(args)
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")  # validate data and splits before anything is trained or written
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    summary = summarize(cli, time.perf_counter() - start)
+    if cli.trainer.is_global_zero:
+        print(format_summary(summary), flush=True)
+        if cli.trainer.logger is not None:
+            cli.trainer.logger.log_metrics({"test/error": summary["test_error"], "test/constant_error": summary["constant_error"]})
+    return summary
+
+
+def main(args: Optional[list[str]] = None) -> int:
+    try:
+        run(args)
+    except GazeguardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Gaze label conventions and the distances every metric and loss agrees on.
+
+Angular gaze is ``(pitch, yaw)`` in radians in the MPII/hysts convention (SPEC section 1):
+``pitch = arcsin(-g_y)``, ``yaw = arctan2(-g_x, -g_z)`` for a unit vector ``g`` in normalized
+camera coordinates (x right, y down, z forward). Point-of-gaze targets (GazeCapture) are
+``(XCam, YCam)`` in cm and compared by Euclidean distance. Keeping the two kinds behind one
+:func:`gaze_distance` lets metrics, attacks and defenses stay agnostic of the dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+TargetKind = Literal["angle", "point"]
+TARGET_KINDS: tuple[str, ...] = ("angle", "point")
+
+#: Units that error figures are printed in, per target kind.
+UNITS: dict[str, str] = {"angle": "deg", "point": "cm"}
+
+
+def pitchyaw_to_vector(pitchyaw: Tensor) -> Tensor:
+    """``(..., 2)`` pitch/yaw in radians -> ``(..., 3)`` unit gaze vectors."""
+    pitch, yaw = pitchyaw.unbind(-1)
+    cos_p = torch.cos(pitch)
+    return torch.stack((-cos_p * torch.sin(yaw), -torch.sin(pitch), -cos_p * torch.cos(yaw)), dim=-1)
+
+
+def vector_to_pitchyaw(vector: Tensor) -> Tensor:
+    """``(..., 3)`` gaze vectors (any norm) -> ``(..., 2)`` pitch/yaw in radians."""
+    g = vector / vector.norm(dim=-1, keepdim=True)
+    pitch = torch.asin((-g[..., 1]).clamp(-1.0, 1.0))
+    yaw = torch.atan2(-g[..., 0], -g[..., 2])
+    return torch.stack((pitch, yaw), dim=-1)
+
+
+def angular_error_deg(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample angle in degrees between two pitch/yaw gazes (arccos of the clipped dot product)."""
+    a = pitchyaw_to_vector(pred.double())
+    b = pitchyaw_to_vector(target.double())
+    cos = (a * b).sum(-1).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos)).to(pred.dtype)
+
+
+def point_error(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample Euclidean distance between 2-D points of gaze (cm for GazeCapture)."""
+    return torch.linalg.vector_norm(pred - target, dim=-1)
+
+
+def gaze_distance(pred: Tensor, target: Tensor, kind: TargetKind) -> Tensor:
+    """Per-sample error in the unit of ``kind``: degrees for angles, cm for points."""
+    if kind == "angle":
+        return angular_error_deg(pred, target)
+    if kind == "point":
+        return point_error(pred, target)
+    raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
