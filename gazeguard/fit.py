@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -30,6 +29,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
     "devices": 1,
     "log_every_n_steps": 20,
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
 }
 DATA_DEFAULTS: dict[str, Any] = {"data.test_subjects": ["p12", "p13", "p14"]}
 
@@ -37,12 +37,17 @@ DATA_DEFAULTS: dict[str, Any] = {"data.test_subjects": ["p12", "p13", "p14"]}
 class GazeCLI(LightningCLI):
     """LightningCLI with gazeguard's options: ``--seed`` (one seed for everything)."""
 
+    def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--seed", type=int, default=0, help="One seed for initialisation, data split and order, augmentation."
+        )
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data split/order and augmentation.")
         parser.link_arguments("seed", "data.seed")
         parser.set_defaults(DATA_DEFAULTS)
 
-    def before_instantiate_classes(self) -> None:
+    def _set_seed(self) -> None:
+        """LightningCLI's seeding step, reading our ``--seed`` instead of ``--seed_everything``."""
         L.seed_everything(self.config["seed"], workers=True, verbose=False)
 
 
@@ -51,7 +56,6 @@ def build_cli(args: Optional[list[str]] = None) -> GazeCLI:
         GazeRegressor,
         GazeDataModule,
         run=False,
-        seed_everything_default=False,
         trainer_defaults=TRAINER_DEFAULTS,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},

@@ -8,6 +8,7 @@ Input normalisation lives inside F so that defenses can perturb images in pixel 
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 import lightning as L
@@ -26,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def create_backbone(name: str, pretrained: bool = False) -> nn.Module:
     """A timm model without classifier (``num_classes=0``), or a clear error for a bad name."""
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.5)
         hint = f"; similar names: {', '.join(close)}" if close else ""
         raise ConfigError(f"model.backbone: unknown timm model {name!r}{hint}")
     return timm.create_model(name, pretrained=pretrained, num_classes=0)

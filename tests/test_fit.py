@@ -1,0 +1,60 @@
+"""End to end: the fit CLI on a tiny synthetic set."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gazeguard import fit
+
+
+def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--data.root", str(tmp_path / "cache"),
+        "--data.synthetic.num_subjects", "4",
+        "--data.synthetic.samples_per_subject", "24",
+        "--data.synthetic.image_size", "32",
+        "--data.image_size", "32",
+        "--data.test_subjects", "[p03]",
+        "--data.batch_size", "16",
+        "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        *extra,
+    ]
+
+
+def test_fit_trains_and_prints_a_readable_summary(tmp_path: Path, capsys):
+    summary = fit.run(tiny_args(tmp_path))
+    out = capsys.readouterr().out
+    assert f"test angular error: {summary['test_error']:.2f} deg" in out.splitlines()
+    assert "p03:" in out and "constant predictor" in out
+    assert Path(summary["checkpoint"]).is_file()
+    checkpoint = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["backbone"] == "test_byobnet"
+
+
+def test_same_seed_same_model(tmp_path: Path):
+    first = fit.run(tiny_args(tmp_path / "a", "--seed", "3"))
+    second = fit.run(tiny_args(tmp_path / "b", "--seed", "3"))
+    third = fit.run(tiny_args(tmp_path / "c", "--seed", "4"))
+    weights = [torch.load(s["checkpoint"], map_location="cpu", weights_only=True)["state_dict"] for s in (first, second, third)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model.backbone", "resnet_bogus"], "model.backbone: unknown timm model 'resnet_bogus'"),
+        (["--data.dataset", "mpiifacegaze", "--data.root", "/nonexistent/MPIIFaceGaze.h5"], "MPIIFaceGaze.h5: no such file"),
+        (["--data.test_subjects", "[p42]"], "data.test_subjects ['p42']"),
+    ],
+)
+def test_bad_input_stops_with_one_line_before_training(tmp_path: Path, capsys, extra, message):
+    assert fit.main(tiny_args(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "runs").exists()
