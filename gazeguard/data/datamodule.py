@@ -13,7 +13,7 @@ All random choices come from ``seed``, so a run is reproducible.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
@@ -45,6 +45,8 @@ class GazeDataModule(L.LightningDataModule):
         augment: apply training augmentation (includes the label-aware flip).
         seed: seed of the split and of augmentation.
         synthetic: rendering parameters for ``dataset=synthetic``.
+        source_options: extra options of the dataset's reader, e.g. ``{flip_sign: true}`` for the
+            MPIIFaceGaze normalized release.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class GazeDataModule(L.LightningDataModule):
         augment: bool = True,
         seed: int = 0,
         synthetic: SyntheticSpec = SyntheticSpec(),
+        source_options: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         for name, value in (("val_fraction", val_fraction), ("defender_fraction", defender_fraction)):
@@ -83,12 +86,13 @@ class GazeDataModule(L.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.synthetic = synthetic
+        self.source_options = dict(source_options or {})
         self.source: Optional[GazeSource] = None
         self.split_indices: dict[str, np.ndarray] = {}
 
     # -- setup -------------------------------------------------------------------------------
     def _create_source(self) -> GazeSource:
-        return registry.create(self.dataset, self.root, synthetic=self.synthetic)
+        return registry.create(self.dataset, self.root, synthetic=self.synthetic, **self.source_options)
 
     def prepare_data(self) -> None:
         """Render/cache the synthetic set once (rank 0) before the other ranks read it."""

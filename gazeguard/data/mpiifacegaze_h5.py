@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 import h5py
 import numpy as np
 
+from gazeguard.data.hdf5 import open_hdf5
 from gazeguard.data.source import GazeSource
 from gazeguard.errors import DataFormatError
 
@@ -27,15 +28,11 @@ class MPIIFaceGazeH5(GazeSource):
 
     def __init__(self, path: Union[str, Path]) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise DataFormatError(f"{path}: no such file")
-        if not h5py.is_hdf5(path):
-            raise DataFormatError(f"{path}: not an HDF5 file (or truncated)")
-        try:
-            with h5py.File(path, "r") as f:
+        with open_hdf5(path, "an MPIIFaceGaze HDF5 file (pXX/{image,gaze,pose}/NNNN)") as f:
+            try:
                 keys, gaze, pose, groups = _read_labels(path, f)
-        except OSError as err:  # truncated or corrupted file content
-            raise DataFormatError(f"{path}: cannot be read as HDF5 ({err})") from err
+            except OSError as err:  # corrupted content past the header
+                raise DataFormatError(f"{path}: cannot be read as HDF5, truncated or corrupted ({err})") from err
         self.keys = keys
         self.pose = pose
         super().__init__(path, "angle", gaze, groups)
@@ -93,7 +90,7 @@ def _read_labels(path: Path, f: h5py.File) -> tuple[list[tuple[str, str]], np.nd
 
 def write_mpiifacegaze_h5(
     path: Union[str, Path],
-    images_rgb: np.ndarray,
+    images_rgb: Iterable[np.ndarray],
     gaze: np.ndarray,
     pose: np.ndarray,
     subject: np.ndarray,
