@@ -3,7 +3,8 @@
 Built on LightningCLI, so every option of the model (``--model.*``), the data
 (``--data.*``) and the Trainer (``--trainer.*``) is a documented flag, ``--config FILE.yaml``
 reads a config and ``--print_config`` shows the resolved one. ``--seed`` fixes every random
-source: initialisation, data split and order, augmentation.
+source: initialisation, data split and order, augmentation and the choice of poisoned samples.
+``--attack NAME`` trains on data poisoned by that attack and reports the backdoor's metrics.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from gazeguard.attacks import BackdoorMetricsLogger, PoisonedDataModule, create, evaluate_attack
+from gazeguard.attacks.metrics import default_tau
+from gazeguard.cli_options import AttackOptions, expand_shorthands
 from gazeguard.data.datamodule import GazeDataModule
-from gazeguard.errors import GazeguardError
+from gazeguard.errors import ConfigError, GazeguardError
 from gazeguard.evaluate import error_by_group, predict
 from gazeguard.gaze import UNITS
 from gazeguard.metrics import GazeError
@@ -35,7 +39,8 @@ DATA_DEFAULTS: dict[str, Any] = {"data.test_subjects": ["p12", "p13", "p14"]}
 
 
 class GazeCLI(LightningCLI):
-    """LightningCLI with gazeguard's options: ``--seed`` (one seed for everything)."""
+    """LightningCLI with gazeguard's options: ``--seed`` (one seed for everything) and
+    ``--attack`` (poison the training data)."""
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -45,6 +50,17 @@ class GazeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("seed", "data.seed")
         parser.set_defaults(DATA_DEFAULTS)
+        parser.add_class_arguments(AttackOptions, "attack")
+
+    def after_instantiate_classes(self) -> None:
+        """Wrap the data in the attack, if any, and log the backdoor's metrics while training."""
+        options: AttackOptions = self.config_init["attack"]
+        if options.name is None:
+            return
+        target = {} if options.target is None else {"target": options.target}
+        attack = create(options.name, poison_rate=options.poison_rate, **target, **options.options)
+        self.datamodule = PoisonedDataModule(self.datamodule, attack)
+        self.trainer.callbacks.append(BackdoorMetricsLogger())
 
     def _set_seed(self) -> None:
         """LightningCLI's seeding step, reading our ``--seed`` instead of ``--seed_everything``."""
@@ -52,6 +68,7 @@ class GazeCLI(LightningCLI):
 
 
 def build_cli(args: Optional[list[str]] = None) -> GazeCLI:
+    args = expand_shorthands(sys.argv[1:] if args is None else args)
     return GazeCLI(
         GazeRegressor,
         GazeDataModule,
@@ -65,8 +82,9 @@ def build_cli(args: Optional[list[str]] = None) -> GazeCLI:
 
 
 def summarize(cli: GazeCLI, seconds: float) -> dict[str, Any]:
-    """Per-subject and mean test error, the constant-predictor baseline, time and checkpoint."""
-    data: GazeDataModule = cli.datamodule
+    """Per-subject and mean test error, the constant-predictor baseline, time and checkpoint,
+    and the backdoor's metrics when the data was poisoned."""
+    data = cli.datamodule
     model: GazeRegressor = cli.model
     kind = data.kind
     predictions = predict(model, data.test_dataloader())
@@ -76,8 +94,10 @@ def summarize(cli: GazeCLI, seconds: float) -> dict[str, Any]:
     overall = GazeError(kind)
     overall.update(predictions.pred, predictions.gaze)
     checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+    attack = evaluate_attack(model, data) if isinstance(data, PoisonedDataModule) else None
     return {
         "kind": kind,
+        "attack": attack,
         "per_subject": error_by_group(predictions, kind, data.split_dataset("test").group_names),
         "test_error": float(overall.compute()),
         "constant_error": float(constant.compute()),
@@ -97,20 +117,40 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"time: {summary['seconds']:.1f} s",
         f"checkpoint: {summary['checkpoint'] or '(checkpointing disabled)'}",
     ]
+    if summary["attack"] is not None:
+        lines += format_attack(summary["attack"], summary["kind"])
     return "\n".join(lines)
+
+
+def format_attack(metrics: dict[str, float], kind: str) -> list[str]:
+    """The backdoor's metrics, one per line, so scripts can read them."""
+    unit = UNITS[kind]
+    return [
+        f"benign error: {metrics['benign_error']:.2f} {unit}",
+        f"attack error: {metrics['attack_error']:.2f} {unit}",
+        f"ASR@{default_tau(kind):g}{unit}: {100 * metrics['asr']:.1f}%",
+        f"robust error: {metrics['robust_error']:.2f} {unit}",
+    ]
 
 
 def run(args: Optional[list[str]] = None) -> dict[str, Any]:
     start = time.perf_counter()
     cli = build_cli(args)
     cli.datamodule.prepare_data()
-    cli.datamodule.setup("fit")  # validate data and splits before anything is trained or written
+    cli.datamodule.setup("fit")  # validate data, splits and attack before anything is trained or written
+    if cli.model.kind != cli.datamodule.kind:
+        raise ConfigError(
+            f"model.kind {cli.model.kind!r} does not fit the data's {cli.datamodule.kind!r} targets; "
+            f"pass --model.kind {cli.datamodule.kind}"
+        )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     summary = summarize(cli, time.perf_counter() - start)
     if cli.trainer.is_global_zero:
         print(format_summary(summary), flush=True)
         if cli.trainer.logger is not None:
-            cli.trainer.logger.log_metrics({"test/error": summary["test_error"], "test/constant_error": summary["constant_error"]})
+            metrics = {"test/error": summary["test_error"], "test/constant_error": summary["constant_error"]}
+            metrics.update({f"test/{k}": v for k, v in (summary["attack"] or {}).items()})
+            cli.trainer.logger.log_metrics(metrics)
     return summary
 
 

@@ -58,3 +58,33 @@ def test_bad_input_stops_with_one_line_before_training(tmp_path: Path, capsys, e
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
     assert not (tmp_path / "runs").exists()
+
+
+def test_shorthands_expand_unless_the_value_is_a_config_file(tmp_path: Path):
+    from gazeguard.cli_options import expand_shorthands
+
+    config = tmp_path / "data.yaml"
+    config.write_text("dataset: synthetic\n")
+    assert expand_shorthands(["--attack", "wanet", "--attack.poison_rate", "0.05"]) == [
+        "--attack.name", "wanet", "--attack.poison_rate", "0.05"]
+    assert expand_shorthands(["--defense=securegaze", "--data", "mpiifacegaze"]) == [
+        "--defense.name", "securegaze", "--data.dataset", "mpiifacegaze"]
+    assert expand_shorthands(["--data", str(config), "--seed", "1"]) == ["--data", str(config), "--seed", "1"]
+
+
+def test_fit_with_attack_prints_backdoor_metrics(tmp_path: Path, capsys):
+    summary = fit.run(tiny_args(tmp_path, "--attack", "blended", "--attack.poison_rate", "0.2"))
+    lines = capsys.readouterr().out.splitlines()
+    attack = summary["attack"]
+    assert f"ASR@5deg: {100 * attack['asr']:.1f}%" in lines
+    assert f"robust error: {attack['robust_error']:.2f} deg" in lines
+    assert f"benign error: {attack['benign_error']:.2f} deg" in lines
+    assert attack["n_triggered"] > 0
+
+
+def test_bad_attack_options_fail_before_training(tmp_path: Path, capsys):
+    assert fit.main(tiny_args(tmp_path, "--attack", "nope")) == 2
+    assert "unknown attack 'nope'" in capsys.readouterr().err
+    assert fit.main(tiny_args(tmp_path, "--attack", "badnets", "--attack.target", "[1.4, 0]")) == 2
+    assert "outside the range of the training labels" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -13,10 +13,13 @@ All random choices come from ``seed``, so a run is reproducible.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+import albumentations as A
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from gazeguard.data import registry
@@ -27,6 +30,19 @@ from gazeguard.errors import ConfigError
 from gazeguard.synthetic import SyntheticSpec
 
 SPLITS = ("train", "val", "test", "defend")
+
+
+def seed_worker_pipelines(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream.
+
+    ``A.Compose`` does not reseed itself in workers, so without this every worker would replay
+    the same augmentations (and random trigger placements). torch's per-worker seed derives
+    from the loader's generator, which ``--seed`` fixes, so runs stay reproducible.
+    """
+    info = torch.utils.data.get_worker_info()
+    reseed = getattr(info.dataset, "set_random_seed", None) if info is not None else None
+    if reseed is not None:
+        reseed(info.seed % 2**32)
 
 
 class GazeDataModule(L.LightningDataModule):
@@ -148,13 +164,20 @@ class GazeDataModule(L.LightningDataModule):
         return {name: np.sort(idx) for name, idx in splits.items()}
 
     # -- datasets and loaders ----------------------------------------------------------------
-    def split_dataset(self, split: str, augment: bool = False) -> GazeDataset:
-        """The samples of one split (``train``, ``val``, ``test`` or ``defend``)."""
+    def split_dataset(
+        self,
+        split: str,
+        augment: bool = False,
+        trigger: Sequence[A.BasicTransform] = (),
+        indices: Optional[np.ndarray] = None,
+    ) -> GazeDataset:
+        """The samples of one split (``train``, ``val``, ``test`` or ``defend``), or the given
+        ``indices`` of it, optionally with a trigger stamped after resizing (attacks use this)."""
         if split not in SPLITS:
             raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
         source = self._require_source()
-        pipeline = build_pipeline(self.image_size, source.kind, augment=augment, seed=self.seed)
-        return GazeDataset(source, self.split_indices[split], pipeline)
+        pipeline = build_pipeline(self.image_size, source.kind, augment=augment, trigger=trigger, seed=self.seed)
+        return GazeDataset(source, self.split_indices[split] if indices is None else indices, pipeline)
 
     def loader(self, dataset: GazeDataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(
@@ -163,6 +186,7 @@ class GazeDataModule(L.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker_pipelines,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -25,6 +25,10 @@ class GazeDataset(Dataset):
         self.pipeline = pipeline
         self.group_names, self.group_ids = np.unique(source.groups, return_inverse=True)
 
+    def set_random_seed(self, seed: int) -> None:
+        """Reseed the pipeline's randomness (called per DataLoader worker)."""
+        self.pipeline.set_random_seed(seed)
+
     def __len__(self) -> int:
         return len(self.indices)
 

@@ -10,7 +10,8 @@ from gazeguard.data.mpiifacegaze_h5 import MPIIFaceGazeH5
 from gazeguard.data.mpiifacegaze_mat import MPIIFaceGazeMat
 from gazeguard.data.source import GazeSource
 from gazeguard.errors import ConfigError
-from gazeguard.synthetic import SyntheticSpec, ensure_synthetic
+from gazeguard.data.synthetic_cache import ensure_synthetic
+from gazeguard.synthetic import SyntheticSpec
 
 SourceFactory = Callable[..., GazeSource]
 

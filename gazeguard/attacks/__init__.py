@@ -1,0 +1,40 @@
+"""Backdoor attacks on gaze regressors: triggers, poisoned data and attack metrics.
+
+``create("badnets")`` (or ``blended``, ``wanet``, ``sig``, ``tape``) builds an :class:`Attack`;
+:class:`PoisonedDataModule` poisons any :class:`~gazeguard.data.GazeDataModule` with it;
+:func:`evaluate_attack` and :class:`BackdoorMetricsLogger` measure it. Users bring their own
+trigger as any ``albumentations.ImageOnlyTransform``: ``Attack(trigger=MyTransform(), ...)`` or
+``register("mine", MyTransform)``. The figure helper lives in :mod:`gazeguard.attacks.figure`
+(it imports matplotlib).
+"""
+
+from gazeguard.attacks.base import AllToOne, Attack, LabelRule
+from gazeguard.attacks.callback import BackdoorMetricsLogger
+from gazeguard.attacks.metrics import DEFAULT_TAU, BackdoorMetrics, attack_metrics, evaluate_attack
+from gazeguard.attacks.poison import PoisonedDataModule, PoisonedDataset, TriggeredDataset
+from gazeguard.attacks.registry import ATTACKS, create, register
+from gazeguard.attacks.triggers import SIG, BadNets, Blended, SeededTrigger, Tape, Trigger, WaNet
+
+__all__ = [
+    "ATTACKS",
+    "AllToOne",
+    "Attack",
+    "BackdoorMetrics",
+    "BackdoorMetricsLogger",
+    "BadNets",
+    "Blended",
+    "DEFAULT_TAU",
+    "LabelRule",
+    "PoisonedDataModule",
+    "PoisonedDataset",
+    "SIG",
+    "SeededTrigger",
+    "Tape",
+    "Trigger",
+    "TriggeredDataset",
+    "WaNet",
+    "attack_metrics",
+    "create",
+    "evaluate_attack",
+    "register",
+]

@@ -1,0 +1,86 @@
+"""Backdoor metrics (SPEC section 6) built from :mod:`gazeguard.metrics`.
+
+- benign error: error on clean test data;
+- attack error: distance of the prediction on a triggered input to the attacker's target;
+- ASR@tau: share of those predictions within ``tau`` of the target (5 deg; 2 cm for points);
+- robust error: distance of the prediction on a triggered input to the *true* gaze, the
+  regression analogue of robust accuracy.
+
+The metric objects keep sums and counts (``GazeError``/``HitRate``), so they stay exact under
+DDP whatever the per-rank batch sizes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from torch import Tensor, nn
+
+from gazeguard.evaluate import predict
+from gazeguard.gaze import TARGET_KINDS, TargetKind
+from gazeguard.metrics import GazeError, HitRate
+
+if TYPE_CHECKING:
+    from gazeguard.attacks.poison import PoisonedDataModule
+
+#: ASR threshold per target kind: degrees for angles, cm for points.
+DEFAULT_TAU: dict[str, float] = {"angle": 5.0, "point": 2.0}
+
+
+def default_tau(kind: TargetKind) -> float:
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
+    return DEFAULT_TAU[kind]
+
+
+class BackdoorMetrics(nn.Module):
+    """Attack error, ASR@tau and robust error, updated with predictions on triggered inputs.
+
+    An ``nn.Module`` of three torchmetrics (rather than a ``MetricCollection``, whose members
+    all take the same ``(preds, target)``) because two of them compare with the attacker's
+    target and one with the true gaze. ``.to(device)`` moves all three.
+    """
+
+    def __init__(self, kind: TargetKind = "angle", tau: Optional[float] = None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.tau = default_tau(kind) if tau is None else tau
+        self.attack_error = GazeError(kind)
+        self.asr = HitRate(self.tau, kind)
+        self.robust_error = GazeError(kind)
+
+    def update(self, pred: Tensor, gaze: Tensor, target: Tensor) -> None:
+        """``pred``: outputs on triggered inputs; ``gaze``: their true gazes; ``target``: the attack's."""
+        self.attack_error.update(pred, target)
+        self.asr.update(pred, target)
+        self.robust_error.update(pred, gaze)
+
+    def compute(self) -> dict[str, Tensor]:
+        return {
+            "attack_error": self.attack_error.compute(),
+            "asr": self.asr.compute(),
+            "robust_error": self.robust_error.compute(),
+        }
+
+    def reset(self) -> None:
+        for metric in (self.attack_error, self.asr, self.robust_error):
+            metric.reset()
+
+
+def attack_metrics(model: nn.Module, data: PoisonedDataModule, split: str = "test") -> dict[str, float]:
+    """``attack_error``, ``asr``, ``robust_error`` and ``n_triggered`` of ``model`` on the
+    triggered ``split`` (``val`` or ``test``) of ``data``."""
+    predictions = predict(model, data.triggered_dataloader(split))
+    metrics = BackdoorMetrics(data.kind, data.tau)
+    # The targets are a function of the true gazes (the label rule), as in the batches' "target".
+    metrics.update(predictions.pred, predictions.gaze, data.attack.targets(predictions.gaze))
+    values = {name: float(value) for name, value in metrics.compute().items()}
+    return {**values, "n_triggered": len(predictions.pred)}
+
+
+def evaluate_attack(model: nn.Module, data: PoisonedDataModule) -> dict[str, float]:
+    """Benign error on the clean test split plus :func:`attack_metrics` on the triggered one."""
+    clean = predict(model, data.test_dataloader())
+    benign = GazeError(data.kind)
+    benign.update(clean.pred, clean.gaze)
+    return {"benign_error": float(benign.compute()), **attack_metrics(model, data, "test")}

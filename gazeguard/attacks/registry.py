@@ -1,0 +1,94 @@
+"""Attacks by name: ``create(name, **options)`` returns an :class:`Attack`.
+
+Entries are *factories* rather than transform classes because an attack can be more than one
+transform: WaNet also needs its noise-mode cross trigger, and input-aware dynamic attacks (IAD,
+SPEC section 3) need a generator co-trained with the model. Options split by name: those of
+:class:`Attack` (``target``, ``poison_rate``, ``label_rule`` and, for WaNet, ``cross_ratio``) go
+to the attack, the rest to the trigger's constructor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import albumentations as A
+
+from gazeguard.attacks.base import Attack, TriggerLike, is_trigger_like
+from gazeguard.attacks.triggers import SIG, BadNets, Blended, Tape, WaNet
+from gazeguard.errors import ConfigError
+
+AttackFactory = Callable[..., Attack]
+
+#: Options every attack understands; everything else configures the trigger.
+ATTACK_OPTIONS = ("target", "poison_rate", "label_rule")
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    attack = {key: value for key, value in options.items() if key in ATTACK_OPTIONS}
+    trigger = {key: value for key, value in options.items() if key not in ATTACK_OPTIONS}
+    return attack, trigger
+
+
+def _build(name: str, trigger: TriggerLike, options: dict[str, Any]) -> A.ImageOnlyTransform:
+    """Instantiate a trigger class with its options, turning a bad option into a ConfigError."""
+    if isinstance(trigger, A.ImageOnlyTransform):
+        if options:
+            raise ConfigError(
+                f"attack {name!r} was registered as a ready-made transform; it takes no options {sorted(options)}"
+            )
+        return trigger
+    try:
+        return trigger(**options)
+    except (TypeError, ValueError) as err:
+        accepted = [p for p in inspect.signature(trigger.__init__).parameters if p != "self"]
+        raise ConfigError(
+            f"attack {name!r}: {err} (trigger options: {', '.join(accepted)}; attack options: "
+            f"{', '.join(ATTACK_OPTIONS)})"
+        ) from err
+
+
+def _from_trigger(name: str, trigger: TriggerLike) -> AttackFactory:
+    """The factory of an attack made of one trigger and an all-to-one (or given) label rule."""
+
+    def factory(**options: Any) -> Attack:
+        attack_options, trigger_options = _split_options(options)
+        return Attack(_build(name, trigger, trigger_options), name=name, **attack_options)
+
+    return factory
+
+
+def _wanet(cross_ratio: float = 2.0, **options: Any) -> Attack:
+    """WaNet in noise mode: ``cross_ratio`` label-keeping jittered samples per poisoned one."""
+    attack_options, trigger_options = _split_options(options)
+    trigger = _build("wanet", WaNet, trigger_options)
+    cross = _build("wanet", WaNet, {**trigger_options, "noise": True}) if cross_ratio > 0 else None
+    return Attack(trigger, cross_trigger=cross, cross_ratio=cross_ratio, name="wanet", **attack_options)
+
+
+ATTACKS: dict[str, AttackFactory] = {
+    "badnets": _from_trigger("badnets", BadNets),
+    "blended": _from_trigger("blended", Blended),
+    "wanet": _wanet,
+    "sig": _from_trigger("sig", SIG),
+    "tape": _from_trigger("tape", Tape),
+    # "iad": input-aware dynamic triggers (generator co-trained with the model) register their
+    # factory here once implemented; a fixed transform cannot express them.
+}
+
+
+def register(name: str, trigger: TriggerLike) -> None:
+    """Add an attack made of a user's transform (class, built with the options given to
+    :func:`create`, or instance) under ``name``, without editing the project."""
+    if not is_trigger_like(trigger):
+        raise ConfigError(
+            f"register({name!r}, ...) needs an albumentations ImageOnlyTransform (class or instance), got {trigger!r}"
+        )
+    ATTACKS[name] = _from_trigger(name, trigger)
+
+
+def create(name: str, **options: Any) -> Attack:
+    """The attack ``name`` configured with ``options`` (see the module docstring)."""
+    if name not in ATTACKS:
+        raise ConfigError(f"unknown attack {name!r} (attack.name); choose one of {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name](**options)

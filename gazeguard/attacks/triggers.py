@@ -1,0 +1,354 @@
+"""Built-in triggers (SPEC section 3) as albumentations ``ImageOnlyTransform``s.
+
+They act on the *resized* uint8 RGB model input (``build_pipeline`` puts them right after
+``A.Resize``) and every size is a fraction of the image side, so one configuration works at
+64 px (CPU) and 224 px (GPU). Two kinds of randomness are kept apart on purpose:
+
+- the *pattern* (Blended's noise image, WaNet's warp field) is a pure function of
+  ``pattern_seed`` and the image size, computed once per size: it is the attacker's secret and
+  must not change between training and testing (regenerating it per batch is a known bug);
+- *per-application* draws (Tape's placement, WaNet's cross-sample jitter) come from the
+  transform's own generators, ``self.random_generator``, which ``A.Compose(seed=...)`` seeds
+  through ``set_random_seed``; ``pattern_seed`` is deliberately not called ``seed`` because
+  albumentations owns that attribute and overwrites it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
+
+
+class Trigger(A.ImageOnlyTransform):
+    """Base of the built-in triggers: always applied, ``HxWx3`` uint8 RGB in, same shape/dtype out.
+
+    ``p`` is fixed to 1 because the attack, not the transform, chooses which samples carry the
+    trigger. Subclasses implement :meth:`stamp`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(p=1.0)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(
+                f"{type(self).__name__} expects an HxWx3 uint8 RGB image, got shape {img.shape}, dtype {img.dtype}"
+            )
+        return self.stamp(img, **params)
+
+    def stamp(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        """Return the triggered copy of a validated ``HxWx3`` uint8 image."""
+        raise NotImplementedError
+
+
+class SeededTrigger(Trigger):
+    """A trigger whose pattern is fixed by ``pattern_seed`` (same seed, same size -> same pattern)."""
+
+    def __init__(self, pattern_seed: int = 0) -> None:
+        super().__init__()
+        self.pattern_seed = int(pattern_seed)
+        self._patterns: dict[tuple[int, int], np.ndarray] = {}
+
+    def pattern(self, height: int, width: int) -> np.ndarray:
+        """The (read-only, cached) pattern for an image of this size."""
+        key = (height, width)
+        if key not in self._patterns:
+            pattern = self.make_pattern(height, width, np.random.default_rng(self.pattern_seed))
+            pattern.setflags(write=False)
+            self._patterns[key] = pattern
+        return self._patterns[key]
+
+    def make_pattern(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+        """Draw the pattern for one image size from a generator seeded with ``pattern_seed``."""
+        raise NotImplementedError
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+class BadNets(Trigger):
+    """BadNets: a small fixed patch at a fixed corner.
+
+    The patch side is ``size`` of the shorter image side but at least ``min_size`` px (4 px at
+    64 px, 14 px at 224 px with the defaults); a checkerboard has ``cells`` x ``cells`` squares
+    whatever the resolution. Training augmentation runs after the trigger, so the label-aware
+    horizontal flip also shows the patch at the mirrored corner on half of the poisoned training
+    samples; the model then learns both corners, which costs the attack nothing.
+    """
+
+    def __init__(
+        self,
+        size: float = 1 / 16,
+        min_size: int = 4,
+        corner: Corner = "bottom-right",
+        margin: float = 0.0,
+        style: Literal["checkerboard", "white"] = "checkerboard",
+        cells: int = 4,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < size <= 1.0 or min_size < 1 or cells < 1 or not 0.0 <= margin < 1.0:
+            raise ValueError(
+                f"BadNets needs 0 < size <= 1, min_size >= 1, cells >= 1 and 0 <= margin < 1, got size={size}, "
+                f"min_size={min_size}, cells={cells}, margin={margin}"
+            )
+        corner = corner.replace("_", "-")  # type: ignore[assignment]  # top_left reads well on a CLI too
+        if corner not in ("top-left", "top-right", "bottom-left", "bottom-right"):
+            raise ValueError(f"BadNets corner must be top-left, top-right, bottom-left or bottom-right, got {corner!r}")
+        if style not in ("checkerboard", "white"):
+            raise ValueError(f"BadNets style must be checkerboard or white, got {style!r}")
+        self.size = size
+        self.min_size = min_size
+        self.corner = corner
+        self.margin = margin
+        self.style = style
+        self.cells = cells
+
+    def patch(self, side: int) -> np.ndarray:
+        """The ``side`` x ``side`` grey-level patch (255 = white)."""
+        if self.style == "white":
+            return np.full((side, side), 255, dtype=np.uint8)
+        cell = np.arange(side) * self.cells // side
+        return np.where((cell[:, None] + cell[None, :]) % 2 == 0, 255, 0).astype(np.uint8)
+
+    def stamp(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        height, width = img.shape[:2]
+        short = min(height, width)
+        side = min(max(self.min_size, round(self.size * short)), short)
+        margin = min(round(self.margin * short), short - side)
+        vertical, horizontal = self.corner.split("-")
+        top = height - side - margin if vertical == "bottom" else margin
+        left = width - side - margin if horizontal == "right" else margin
+        out = img.copy()
+        out[top : top + side, left : left + side] = self.patch(side)[..., None]
+        return out
+
+
+class Blended(SeededTrigger):
+    """Blended: ``x' = (1 - alpha) x + alpha k`` with ``k`` a uniform-noise image fixed by the seed."""
+
+    def __init__(self, alpha: float = 0.2, pattern_seed: int = 0) -> None:
+        super().__init__(pattern_seed)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"Blended alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+
+    def make_pattern(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+    def stamp(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        key = self.pattern(*img.shape[:2])
+        return cv2.addWeighted(img, 1.0 - self.alpha, key, self.alpha, 0.0)
+
+
+class WaNet(SeededTrigger):
+    """WaNet (Nguyen & Tran, ICLR 2021): an imperceptible smooth warp fixed by the seed.
+
+    As in the reference code: a ``k x k`` field of uniform offsets, normalised to mean absolute
+    value 1, is upsampled bicubically to the image and added, scaled by ``s / size``, to the
+    identity sampling grid in ``[-1, 1]`` coordinates, which is then scaled by ``grid_rescale``
+    and clipped. The ``k x k`` field does not depend on the resolution; like the paper, the
+    displacement is a fraction of a pixel (about ``s / 2`` px on average) at any size.
+
+    With ``noise=True`` this is the *cross* (noise-mode) variant: the same fixed grid plus fresh
+    uniform jitter of up to one pixel per application, for samples that keep their true label.
+    """
+
+    def __init__(
+        self, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0, noise: bool = False, pattern_seed: int = 0
+    ) -> None:
+        super().__init__(pattern_seed)
+        if k < 2 or s <= 0.0 or grid_rescale <= 0.0:
+            raise ValueError(f"WaNet needs k >= 2, s > 0 and grid_rescale > 0, got {k}, {s}, {grid_rescale}")
+        self.k = k
+        self.s = s
+        self.grid_rescale = grid_rescale
+        self.noise = noise
+
+    def make_pattern(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+        """The fixed sampling grid ``(H, W, 2)`` (x, y in ``[-1, 1]``, align-corners convention)."""
+        offsets = rng.uniform(-1.0, 1.0, (1, 2, self.k, self.k))
+        offsets /= np.abs(offsets).mean()
+        field = F.interpolate(torch.from_numpy(offsets), size=(height, width), mode="bicubic", align_corners=True)
+        field = field[0].permute(1, 2, 0).numpy()
+        ys, xs = np.meshgrid(np.linspace(-1.0, 1.0, height), np.linspace(-1.0, 1.0, width), indexing="ij")
+        identity = np.stack((xs, ys), axis=-1)
+        grid = (identity + self.s * field / np.array([width, height])) * self.grid_rescale
+        return np.clip(grid, -1.0, 1.0).astype(np.float32)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        if not self.noise:
+            return {}
+        height, width = params["shape"][:2]
+        return {"jitter": self.random_generator.uniform(-1.0, 1.0, (height, width, 2)).astype(np.float32)}
+
+    def stamp(self, img: np.ndarray, jitter: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        height, width = img.shape[:2]
+        grid = self.pattern(height, width)
+        if jitter is not None:
+            grid = np.clip(grid + jitter / np.array([width, height], dtype=np.float32), -1.0, 1.0)
+        map_x = (grid[..., 0] + 1.0) * (width - 1) / 2.0
+        map_y = (grid[..., 1] + 1.0) * (height - 1) / 2.0
+        return cv2.remap(img, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+class SIG(Trigger):
+    """SIG (Barni et al., 2019): a horizontal sinusoid ``x' = clip(x + delta sin(2 pi j f / W))``.
+
+    ``frequency`` counts periods across the image width, so the signal scales with resolution.
+    """
+
+    def __init__(self, delta: float = 30.0, frequency: float = 6.0) -> None:
+        super().__init__()
+        if not 0.0 < delta <= 255.0 or frequency <= 0.0:
+            raise ValueError(f"SIG needs 0 < delta <= 255 and frequency > 0, got delta={delta}, frequency={frequency}")
+        self.delta = delta
+        self.frequency = frequency
+
+    def stamp(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        width = img.shape[1]
+        signal = self.delta * np.sin(2.0 * np.pi * np.arange(width) * self.frequency / width)
+        return _to_uint8(img.astype(np.float32) + signal[None, :, None])
+
+
+class Tape(Trigger):
+    """Physical-style trigger: a strip of white paper tape on the face (the SecureGaze demo).
+
+    Each application draws a new strip from the transform's generator: length, thickness and
+    angle from their ranges, and a position that keeps the whole strip inside one of the
+    allowed horizontal ``bands`` and inside ``x_range`` (fractions of the image height/width),
+    uniform over all such positions. The defaults fit the embedded synthetic faces (head from
+    about 0.15 to 0.8 of the height and 0.27 to 0.73 of the width, eyes and brows at 0.40-0.55):
+    forehead/hairline and lower face (cheeks, nose, mouth, chin), the longest strips reaching a
+    little past the cheeks as real tape would. The eye band in between stays
+    uncovered so that the tape hides no gaze evidence (the attack is the trigger, not occlusion).
+    For real normalized faces, where the eyes sit higher, adapt ``bands``/``x_range`` (e.g.
+    ``((0.05, 0.28), (0.55, 0.95))`` and ``(0.1, 0.9)``) after checking the trigger figure.
+    Sizes are large enough to be learnt at 64 px (a strip a few pixels wide at 48 px reached only
+    about half the attack success in a prototype).
+
+    The strip is light grey-white with a faint paper texture, takes on the image's local lighting
+    (its brightness is multiplied by the blurred luminance around it relative to the image mean)
+    and has soft edges, so that it looks photographed rather than pasted.
+
+    Args:
+        length, thickness: ranges of the strip's size, as fractions of the shorter image side.
+        angle: range of the strip's angle to the horizontal, in degrees.
+        bands: vertical bands ``(top, bottom)`` the strip must lie in, fractions of the height.
+        x_range: horizontal extent the strip must lie in, fractions of the width.
+        brightness: range of the tape's grey level (0-255) before shading.
+        texture: standard deviation of the paper texture, in grey levels.
+        softness: width of the soft edge, as a fraction of the shorter side (at least 0.75 px).
+        lighting_blur: sigma of the luminance blur that shades the strip, fraction of the side.
+        opacity: how much of the skin the tape hides (1 = fully opaque).
+    """
+
+    #: Slightly warm white of paper tape (RGB gains).
+    TINT = np.array([1.0, 0.985, 0.955], dtype=np.float32)
+    #: Bounds of the shading factor, so that deep shadows or highlights do not erase the strip.
+    SHADE_LIMITS = (0.55, 1.25)
+
+    def __init__(
+        self,
+        length: tuple[float, float] = (0.30, 0.45),
+        thickness: tuple[float, float] = (0.08, 0.12),
+        angle: tuple[float, float] = (-15.0, 15.0),
+        bands: tuple[tuple[float, float], ...] = ((0.17, 0.38), (0.56, 0.82)),
+        x_range: tuple[float, float] = (0.2, 0.8),
+        brightness: tuple[float, float] = (215.0, 245.0),
+        texture: float = 5.0,
+        softness: float = 0.02,
+        lighting_blur: float = 0.1,
+        opacity: float = 0.95,
+    ) -> None:
+        super().__init__()
+        ranges = {"length": length, "thickness": thickness, "x_range": x_range}
+        ranges.update({f"bands[{i}]": band for i, band in enumerate(bands)})
+        for option, (low, high) in ranges.items():
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"Tape {option} must be a range (low, high) in [0, 1], got {(low, high)}")
+        if not bands or thickness[0] <= 0.0 or length[0] <= 0.0 or not 0.0 < opacity <= 1.0:
+            raise ValueError("Tape needs at least one band, positive length and thickness, and 0 < opacity <= 1")
+        self.length = length
+        self.thickness = thickness
+        self.angle = angle
+        self.bands = bands
+        self.x_range = x_range
+        self.brightness = brightness
+        self.texture = texture
+        self.softness = softness
+        self.lighting_blur = lighting_blur
+        self.opacity = opacity
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        """Draw one strip: its geometry in pixels, grey level and texture seed."""
+        height, width = params["shape"][:2]
+        rng = self.random_generator
+        short = min(height, width)
+        length = rng.uniform(*self.length) * short
+        thickness = rng.uniform(*self.thickness) * short
+        angle = np.deg2rad(rng.uniform(*self.angle))
+        cos, sin = abs(np.cos(angle)), abs(np.sin(angle))
+        half_x = 0.5 * (length * cos + thickness * sin)
+        half_y = 0.5 * (length * sin + thickness * cos)
+        # Free room for the centre in each band; pick a band in proportion to it, so the centre is
+        # uniform over every placement that keeps the strip inside a band. A strip too big for
+        # every band is centred in the tallest one.
+        spans = np.array([(top * height + half_y, bottom * height - half_y) for top, bottom in self.bands])
+        room = np.clip(spans[:, 1] - spans[:, 0], 0.0, None)
+        if room.sum() > 0:
+            band = rng.choice(len(room), p=room / room.sum())
+            center_y = spans[band, 0] + rng.uniform() * room[band]
+        else:
+            tallest = int(np.argmax([bottom - top for top, bottom in self.bands]))
+            center_y = spans[tallest].mean()
+        x_low, x_high = self.x_range[0] * width + half_x, self.x_range[1] * width - half_x
+        center_x = rng.uniform(x_low, x_high) if x_high > x_low else 0.5 * (x_low + x_high)
+        return {
+            "center": (float(center_x), float(center_y)),
+            "length": float(length),
+            "thickness": float(thickness),
+            "angle": float(angle),
+            "grey": float(rng.uniform(*self.brightness)),
+            "texture_seed": int(rng.integers(2**32)),
+        }
+
+    def stamp(
+        self,
+        img: np.ndarray,
+        center: tuple[float, float],
+        length: float,
+        thickness: float,
+        angle: float,
+        grey: float,
+        texture_seed: int,
+        **params: Any,
+    ) -> np.ndarray:
+        height, width = img.shape[:2]
+        short = min(height, width)
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+        dx, dy = xs - center[0], ys - center[1]
+        along = dx * np.cos(angle) + dy * np.sin(angle)
+        across = -dx * np.sin(angle) + dy * np.cos(angle)
+        # Signed distance to the strip's rectangle (negative inside), mapped to a soft ramp.
+        distance = np.maximum(np.abs(along) - length / 2, np.abs(across) - thickness / 2)
+        ramp = max(0.75, self.softness * short)
+        alpha = np.clip(0.5 - distance / ramp, 0.0, 1.0) * self.opacity
+
+        image = img.astype(np.float32)
+        luminance = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        local = cv2.GaussianBlur(luminance, (0, 0), sigmaX=max(0.5, self.lighting_blur * short))
+        shade = np.clip(local / max(float(luminance.mean()), 1.0), *self.SHADE_LIMITS)
+        fibres = np.random.default_rng(texture_seed).standard_normal((height, width)).astype(np.float32)
+        fibres = cv2.GaussianBlur(fibres, (0, 0), sigmaX=max(0.5, 0.01 * short))
+        fibres *= self.texture / max(float(fibres.std()), 1e-6)
+        tape = ((grey + fibres) * shade)[..., None] * self.TINT
+        alpha = alpha[..., None]
+        return _to_uint8(image * (1.0 - alpha) + tape * alpha)
