@@ -103,12 +103,13 @@ def test_wanet_grid_is_fixed_and_the_noise_mode_jitters_it():
 
 
 def test_badnets_patch_size_and_corner_follow_the_resolution():
-    for size, side in ((32, 4), (64, 4), (224, 14)):
+    for size, side, margin in ((32, 8, 1), (64, 8, 2), (224, 14, 7)):
         changed = apply(create("badnets", style="white").trigger, np.zeros((size, size, 3), np.uint8)) > 0
         rows, cols = np.nonzero(changed.any(axis=2))
-        assert (rows.min(), cols.min(), rows.max(), cols.max()) == (size - side, size - side, size - 1, size - 1)
+        low, high = size - side - margin, size - 1 - margin
+        assert (rows.min(), cols.min(), rows.max(), cols.max()) == (low, low, high, high)
     top_left = apply(create("badnets", corner="top-left").trigger, np.zeros((64, 64, 3), np.uint8))
-    assert top_left[:4, :4].any() and not top_left[4:, 4:].any()
+    assert top_left[2:10, 2:10].any() and not top_left[10:, 10:].any() and not top_left[:2].any()
     assert create("badnets", corner="top_left").trigger.corner == "top-left"  # CLI-friendly spelling
 
 
@@ -239,9 +240,9 @@ def test_poisoned_samples_are_triggered_and_relabelled_the_rest_unchanged(h5: Pa
         if index in poisoned_set:
             assert sample["poisoned"]
             torch.testing.assert_close(sample["gaze"], torch.tensor([0.05, -0.1]))
-            patch = sample["image"][:, -4:, -4:]
-            assert not torch.equal(patch, reference["image"][:, -4:, -4:])
-            torch.testing.assert_close(sample["image"][:, :-4], reference["image"][:, :-4])
+            patch = sample["image"][:, -9:-1, -9:-1]  # 8 px patch, 1 px margin at 32 px
+            assert not torch.equal(patch, reference["image"][:, -9:-1, -9:-1])
+            torch.testing.assert_close(sample["image"][:, :-9], reference["image"][:, :-9])
         else:
             assert not sample["poisoned"]
             torch.testing.assert_close(sample["image"], reference["image"])

@@ -77,9 +77,17 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 class BadNets(Trigger):
     """BadNets: a small fixed patch at a fixed corner.
 
-    The patch side is ``size`` of the shorter image side but at least ``min_size`` px (4 px at
+    The patch side is ``size`` of the shorter image side but at least ``min_size`` px (8 px at
     64 px, 14 px at 224 px with the defaults); a checkerboard has ``cells`` x ``cells`` squares
-    whatever the resolution. Training augmentation runs after the trigger, so the label-aware
+    whatever the resolution, ``margin`` keeps it off the very edge.
+
+    Why not SPEC's 1/16 of the side at 64 px: that is a 4 px patch of 1 px checker cells, which
+    the training augmentation (sub-pixel translation and scaling, bilinear) blurs into grey and
+    can push off the frame; poisoned models then failed to learn it (ASR < 5% after 10 epochs in
+    our first runs). A floor of 8 px (2 px cells) and a 1/32 margin keep the texture and the
+    patch intact at the CPU size; at 224 px the SPEC size applies unchanged.
+
+    Training augmentation runs after the trigger, so the label-aware
     horizontal flip also shows the patch at the mirrored corner on half of the poisoned training
     samples; the model then learns both corners, which costs the attack nothing.
     """
@@ -87,9 +95,9 @@ class BadNets(Trigger):
     def __init__(
         self,
         size: float = 1 / 16,
-        min_size: int = 4,
+        min_size: int = 8,
         corner: Corner = "bottom-right",
-        margin: float = 0.0,
+        margin: float = 1 / 32,
         style: Literal["checkerboard", "white"] = "checkerboard",
         cells: int = 4,
     ) -> None:
