@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from gazeguard.defenses import RepairConfig, SecureGazeConfig
+
 #: ``--group VALUE`` -> ``--group.field VALUE`` (when VALUE is not a config file).
 SHORTHANDS: dict[str, str] = {"--attack": "--attack.name", "--defense": "--defense.name", "--data": "--data.dataset"}
 
@@ -53,3 +55,20 @@ class AttackOptions:
     poison_rate: float = 0.1
     target: Optional[tuple[float, float]] = None
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DefenseOptions:
+    """A defense that runs when training ends (none by default).
+
+    Args:
+        name: defense to run (securegaze), or none.
+        repair: repair the model by unlearning when it is flagged (saved as a new checkpoint).
+        detection: SecureGaze detection options.
+        unlearning: repair options.
+    """
+
+    name: Optional[str] = None
+    repair: bool = True
+    detection: SecureGazeConfig = field(default_factory=SecureGazeConfig)
+    unlearning: RepairConfig = field(default_factory=RepairConfig)

@@ -4,7 +4,8 @@ Built on LightningCLI, so every option of the model (``--model.*``), the data
 (``--data.*``) and the Trainer (``--trainer.*``) is a documented flag, ``--config FILE.yaml``
 reads a config and ``--print_config`` shows the resolved one. ``--seed`` fixes every random
 source: initialisation, data split and order, augmentation and the choice of poisoned samples.
-``--attack NAME`` trains on data poisoned by that attack and reports the backdoor's metrics.
+``--attack NAME`` trains on data poisoned by that attack and reports the backdoor's metrics;
+``--defense securegaze`` runs SecureGaze detection (and repair) when training ends.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from gazeguard.attacks import BackdoorMetricsLogger, PoisonedDataModule, create, evaluate_attack
 from gazeguard.attacks.metrics import default_tau
-from gazeguard.cli_options import AttackOptions, expand_shorthands
+from gazeguard import callbacks
+from gazeguard.cli_options import AttackOptions, DefenseOptions, expand_shorthands
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.errors import ConfigError, GazeguardError
 from gazeguard.evaluate import error_by_group, predict
@@ -51,16 +53,24 @@ class GazeCLI(LightningCLI):
         parser.link_arguments("seed", "data.seed")
         parser.set_defaults(DATA_DEFAULTS)
         parser.add_class_arguments(AttackOptions, "attack")
+        parser.add_class_arguments(DefenseOptions, "defense")
 
     def after_instantiate_classes(self) -> None:
-        """Wrap the data in the attack, if any, and log the backdoor's metrics while training."""
+        """Wrap the data in the attack, if any (logging the backdoor's metrics while training),
+        and add the defense callback, if any."""
         options: AttackOptions = self.config_init["attack"]
-        if options.name is None:
-            return
-        target = {} if options.target is None else {"target": options.target}
-        attack = create(options.name, poison_rate=options.poison_rate, **target, **options.options)
-        self.datamodule = PoisonedDataModule(self.datamodule, attack)
-        self.trainer.callbacks.append(BackdoorMetricsLogger())
+        if options.name is not None:
+            target = {} if options.target is None else {"target": options.target}
+            attack = create(options.name, poison_rate=options.poison_rate, **target, **options.options)
+            self.datamodule = PoisonedDataModule(self.datamodule, attack)
+            self.trainer.callbacks.append(BackdoorMetricsLogger())
+        defense: DefenseOptions = self.config_init["defense"]
+        self.defense = None
+        if defense.name is not None:
+            self.defense = callbacks.create(
+                defense.name, config=defense.detection, repair=defense.repair, repair_config=defense.unlearning
+            )
+            self.trainer.callbacks.append(self.defense)
 
     def _set_seed(self) -> None:
         """LightningCLI's seeding step, reading our ``--seed`` instead of ``--seed_everything``."""
@@ -94,7 +104,12 @@ def summarize(cli: GazeCLI, seconds: float) -> dict[str, Any]:
     overall = GazeError(kind)
     overall.update(predictions.pred, predictions.gaze)
     checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
-    attack = evaluate_attack(model, data) if isinstance(data, PoisonedDataModule) else None
+    defense = cli.defense
+    attack = None
+    if isinstance(data, PoisonedDataModule):
+        # after a repair the callback measured the original model as "before"
+        before = (defense.report.get("before") or None) if defense is not None else None
+        attack = before or evaluate_attack(model, data)
     return {
         "kind": kind,
         "attack": attack,
@@ -103,6 +118,7 @@ def summarize(cli: GazeCLI, seconds: float) -> dict[str, Any]:
         "constant_error": float(constant.compute()),
         "seconds": seconds,
         "checkpoint": checkpoint,
+        "defense": defense.report if defense is not None else None,
     }
 
 
@@ -119,7 +135,33 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if summary["attack"] is not None:
         lines += format_attack(summary["attack"], summary["kind"])
+    if summary["defense"] is not None:
+        lines += format_defense(summary["defense"], summary["kind"])
     return "\n".join(lines)
+
+
+def format_defense(report: dict[str, Any], kind: str) -> list[str]:
+    """Detection decision and statistic, then metrics before/after repair; the verdict line last."""
+    unit = UNITS[kind]
+    lines = [
+        "",
+        "== SecureGaze ==",
+        f"statistic (dispersion ratio): {report['statistic']:.3f}  threshold: {report['threshold']:.3f}  "
+        f"inferred target: ({', '.join(f'{v:.3f}' for v in report['inferred_target'])})",
+    ]
+    before, after = report.get("before") or {}, report.get("after") or {}
+    names = {"benign_error": f"benign error ({unit})", "attack_error": f"attack error ({unit})",
+             "asr": f"ASR@{default_tau(kind):g}{unit}", "robust_error": f"robust error ({unit})"}
+    rows = [key for key in names if key in before]
+    if rows:
+        lines.append(f"{'metric':<22}{'before':>10}{'after repair':>14}")
+        for key in rows:
+            fmt = (lambda v: f"{100 * v:.1f}%") if key == "asr" else (lambda v: f"{v:.2f}")
+            lines.append(f"{names[key]:<22}{fmt(before[key]):>10}{(fmt(after[key]) if key in after else '-'):>14}")
+    if report.get("repaired_checkpoint"):
+        lines.append(f"repaired checkpoint: {report['repaired_checkpoint']}")
+    lines.append(f"verdict: {report['verdict']}")
+    return lines
 
 
 def format_attack(metrics: dict[str, float], kind: str) -> list[str]:

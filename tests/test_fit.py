@@ -88,3 +88,35 @@ def test_bad_attack_options_fail_before_training(tmp_path: Path, capsys):
     assert fit.main(tiny_args(tmp_path, "--attack", "badnets", "--attack.target", "[1.4, 0]")) == 2
     assert "outside the range of the training labels" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_fit_with_defense_detects_repairs_and_reports(tmp_path: Path, capsys):
+    import json
+
+    args = tiny_args(
+        tmp_path, "--attack", "blended", "--attack.poison_rate", "0.3", "--data.defender_fraction", "0.4",
+        "--defense", "securegaze", "--defense.detection.steps", "5", "--defense.detection.min_clean", "8",
+        "--defense.detection.threshold", "10.0",  # force a "backdoored" verdict so that repair runs
+        "--defense.unlearning.epochs", "1", "--defense.unlearning.min_clean", "8",
+    )
+    summary = fit.run(args)
+    out = capsys.readouterr().out.splitlines()
+    report = summary["defense"]
+    assert "verdict: backdoored" in out and report["verdict"] == "backdoored"
+    assert any(line.startswith("ASR@5deg") for line in out)
+    assert set(report["after"]) >= {"benign_error", "attack_error", "asr", "robust_error"}
+    folder = Path(summary["checkpoint"]).parent
+    saved = json.loads((folder / "securegaze_report.json").read_text())
+    assert saved["verdict"] == "backdoored" and saved["statistic"] == pytest.approx(report["statistic"])
+    assert (folder / "securegaze_report.md").is_file() and (folder / "securegaze_examples.png").is_file()
+    repaired = torch.load(report["repaired_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    original = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert not all(torch.equal(repaired[k], original[k]) for k in original)  # original kept, repair saved apart
+
+
+def test_defense_with_too_small_clean_split_fails_clearly(tmp_path: Path, capsys):
+    args = tiny_args(tmp_path, "--defense", "securegaze", "--data.defender_fraction", "0.05")
+    assert fit.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "min_clean" in err
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))  # refused before training

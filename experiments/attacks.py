@@ -1,0 +1,113 @@
+"""Benchmark: a clean model and every attack on the synthetic default, over several seeds.
+
+Each run is exactly what a user gets from ``python -m gazeguard.fit [--attack NAME] --seed S``;
+the table holds benign error, attack error, ASR@5deg and robust error per run, and the
+per-attack median over seeds with the bar of the attack issue (ASR >= 90%, benign error within
++1 deg of the clean model of the same seed). Checkpoints are kept under ``--out`` so the
+detection benchmark can reuse the zoo.
+
+    python experiments/attacks.py --seeds 0 1 2 --out runs/zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from gazeguard import fit
+from gazeguard.attacks import ATTACKS
+
+RESULTS = Path(__file__).parent / "results"
+FIELDS = ("attack", "seed", "benign_error", "attack_error", "asr", "robust_error", "checkpoint", "seconds")
+
+
+def train(attack: Optional[str], seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
+    """One fit run (``attack=None``: the clean model, which has a benign error only)."""
+    name = attack or "clean"
+    folder = out / f"{name}-s{seed}"
+    args = [
+        "--seed", str(seed),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(folder),
+        "--trainer.logger.init_args.save_dir", str(folder),
+        *(["--attack", attack] if attack else []),
+        *extra,
+    ]
+    start = time.perf_counter()
+    summary = fit.run(args)
+    row = {"attack": name, "seed": seed, "checkpoint": summary["checkpoint"], "seconds": time.perf_counter() - start}
+    metrics = summary["attack"] or {"benign_error": summary["test_error"]}
+    row.update({key: metrics.get(key, float("nan")) for key in ("benign_error", "attack_error", "asr", "robust_error")})
+    return row
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-attack medians, and the bar: ASR >= 90% and benign error <= clean + 1 deg (same seed)."""
+    clean = {row["seed"]: row["benign_error"] for row in rows if row["attack"] == "clean"}
+    out = []
+    for name in dict.fromkeys(row["attack"] for row in rows):
+        group = [row for row in rows if row["attack"] == name]
+        summary = {key: statistics.median(row[key] for row in group)
+                   for key in ("benign_error", "attack_error", "asr", "robust_error")}
+        rise = [row["benign_error"] - clean[row["seed"]] for row in group if row["seed"] in clean]
+        summary["benign_rise"] = statistics.median(rise) if rise else float("nan")
+        summary["meets_bar"] = name == "clean" or (summary["asr"] >= 0.9 and summary["benign_rise"] <= 1.0)
+        out.append({"attack": name, "seeds": len(group), **summary})
+    return out
+
+
+def write_tables(rows: list[dict[str, Any]], stem: Path) -> str:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({key: row[key] for key in FIELDS} for row in rows)
+    lines = [
+        "| attack | seeds | benign error (deg) | rise vs clean | attack error (deg) | ASR@5deg | robust error (deg) | bar |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in medians(rows):
+        asr = "-" if m["attack"] == "clean" else f"{100 * m['asr']:.1f}%"
+        attack_error = "-" if m["attack"] == "clean" else f"{m['attack_error']:.2f}"
+        robust = "-" if m["attack"] == "clean" else f"{m['robust_error']:.2f}"
+        lines.append(
+            f"| {m['attack']} | {m['seeds']} | {m['benign_error']:.2f} | {m['benign_rise']:+.2f} | {attack_error} | "
+            f"{asr} | {robust} | {'yes' if m['meets_bar'] else 'NO'} |"
+        )
+    lines += ["", "Per run:", "", "| attack | seed | benign | attack error | ASR | robust | s |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r['attack']} | {r['seed']} | {r['benign_error']:.2f} | {r['attack_error']:.2f} | "
+        f"{100 * r['asr']:.1f}% | {r['robust_error']:.2f} | {r['seconds']:.0f} |"
+        for r in rows
+    ]
+    table = "\n".join(lines) + "\n"
+    stem.with_suffix(".md").write_text(
+        "# Attacks on the synthetic default (medians over seeds)\n\n"
+        f"Command: `python experiments/attacks.py {' '.join(sys.argv[1:])}`\n\n" + table
+    )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--attacks", nargs="+", default=sorted(ATTACKS), help="attacks to plant (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/zoo"), help="where checkpoints go")
+    parser.add_argument("--results", type=Path, default=RESULTS / "attacks", help="table stem (.csv/.md)")
+    parser.add_argument("extra", nargs="*", help="extra fit options after --, e.g. -- --trainer.max_epochs 8")
+    args = parser.parse_args()
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        for attack in [None, *args.attacks]:
+            rows.append(train(attack, seed, args.out, args.extra))
+            print(write_tables(rows, args.results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""SecureGaze's report: JSON for scripts, markdown with a picture of x, M(x) and |M(x) - x| for people."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from gazeguard.defenses import DetectionResult  # noqa: E402
+
+JSON_NAME = "securegaze_report.json"
+MARKDOWN_NAME = "securegaze_report.md"
+PICTURE_NAME = "securegaze_examples.png"
+
+
+def save_examples_picture(result: DetectionResult, path: Path) -> None:
+    """Rows: clean x, reverse-engineered M(x), |M(x) - x| (x10), protected region."""
+    ex = result.examples
+    rows = [("x", ex["x"]), ("M(x)", ex["mx"]), ("|M(x)-x| x10", (ex["diff"] * 10).clamp(0, 1))]
+    if "protect" in ex:
+        rows.append(("protected", ex["protect"].expand_as(ex["x"]) if ex["protect"].dim() == 4 else ex["protect"]))
+    cols = len(ex["x"])
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols, 1.4 * len(rows)), squeeze=False)
+    for r, (name, batch) in enumerate(rows):
+        for c in range(cols):
+            image = batch[c]
+            image = image.permute(1, 2, 0) if image.dim() == 3 else image
+            axes[r][c].imshow(image.squeeze().numpy(), cmap="gray" if image.dim() == 2 or image.shape[-1] == 1 else None,
+                              vmin=0, vmax=1)
+            axes[r][c].axis("off")
+        axes[r][0].set_title(name, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def to_markdown(report: dict[str, Any], picture: Optional[str]) -> str:
+    unit = "deg" if report["kind"] == "angle" else "cm"
+    lines = [
+        "# SecureGaze report",
+        "",
+        f"**verdict: {report['verdict']}** (dispersion ratio {report['statistic']:.3f}, flagged below "
+        f"{report['threshold']:.3f})",
+        "",
+        f"- inferred target gaze: ({', '.join(f'{v:.3f}' for v in report['inferred_target'])})",
+        f"- reverse-engineered outputs within {report['tau']:g} {unit} of it: {100 * report['attack_success']:.1f}%",
+        f"- feature shift of F(M(x)): {report['feature_shift'].get('mean_shift', float('nan')):.2f} benign sd",
+        f"- mean |M(x) - x|: {report['budget_used']:.4f}; protected pixels: {100 * report['protected_share']:.1f}%",
+        f"- time: {report['seconds']['total']:.1f} s",
+    ]
+    before, after = report.get("before") or {}, report.get("after") or {}
+    if before:
+        lines += ["", "| metric | before | after repair |", "|---|---|---|"]
+        for key in before:
+            lines.append(f"| {key} | {_fmt(before[key])} | {_fmt(after.get(key, float('nan')))} |")
+    if report.get("repaired_checkpoint"):
+        lines += ["", f"Repaired checkpoint: `{report['repaired_checkpoint']}` (the original is kept)."]
+    if picture:
+        lines += ["", f"![x, M(x), |M(x)-x|]({picture})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], result: Optional[DetectionResult], folder: Path) -> Path:
+    """Write JSON, markdown and the picture into ``folder``; returns the JSON path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    picture = None
+    if result is not None:
+        save_examples_picture(result, folder / PICTURE_NAME)
+        picture = PICTURE_NAME
+    path = folder / JSON_NAME
+    path.write_text(json.dumps(report, indent=2, default=float))
+    (folder / MARKDOWN_NAME).write_text(to_markdown(report, picture))
+    return path

@@ -1,0 +1,216 @@
+"""SecureGaze as a Lightning callback: when fitting ends, detect a backdoor and optionally repair.
+
+One callback with ``repair=True`` rather than two composable ones: repair needs exactly what
+detection produced (the reverse-engineered trigger M and the clean set it ran on), and one
+callback keeps that hand-over and the single broadcast of the decision in one place instead of
+coupling two callbacks through hidden trainer state and hook order.
+
+Under DDP the defense runs once, on global rank 0 (the clean split is small, so sharding would
+buy little and would make M's optimisation depend on the world size); the decision and, after a
+repair, the repaired weights are broadcast so that every rank ends with identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from tqdm.auto import tqdm
+
+from gazeguard.callbacks.report import write_report
+from gazeguard.defenses import DetectionResult, RepairConfig, SecureGazeConfig, detect, repair
+from gazeguard.errors import ConfigError
+from gazeguard.evaluate import predict
+from gazeguard.metrics import GazeError
+
+Evaluator = Callable[[nn.Module], dict[str, float]]
+
+
+def default_evaluator(datamodule: Any) -> Optional[Evaluator]:
+    """Benign and (for poisoned data) backdoor metrics on the datamodule's test data, if any.
+
+    The attack's trigger is used to *measure* detection and repair, never by the defense.
+    """
+    from gazeguard.attacks import PoisonedDataModule, evaluate_attack
+
+    if isinstance(datamodule, PoisonedDataModule):
+        return lambda model: evaluate_attack(model, datamodule)
+    if datamodule is not None and hasattr(datamodule, "test_dataloader") and hasattr(datamodule, "kind"):
+
+        def benign(model: nn.Module) -> dict[str, float]:
+            predictions = predict(model, datamodule.test_dataloader())
+            metric = GazeError(datamodule.kind)
+            metric.update(predictions.pred, predictions.gaze)
+            return {"benign_error": float(metric.compute())}
+
+        return benign
+    return None
+
+
+class SecureGaze(L.Callback):
+    """Detect (and, with ``repair=True``, remove) a backdoor in the model when ``fit`` ends.
+
+    Args:
+        config: detection options (:class:`~gazeguard.defenses.SecureGazeConfig`).
+        repair: fine-tune the model to unlearn the reverse-engineered trigger when it is flagged.
+        repair_config: repair options (:class:`~gazeguard.defenses.RepairConfig`).
+        clean_dataloader: the defender's clean images; default: the datamodule's
+            ``defender_dataloader()`` (a split that was never trained on).
+        report_dir: where the report goes; default: next to the checkpoint (or the log dir).
+        evaluate: before/after metrics for the report; default: test metrics from the
+            datamodule (with the attack's metrics when the data was poisoned).
+
+    After ``fit``: ``result`` (the :class:`~gazeguard.defenses.DetectionResult` on rank 0,
+    ``None`` elsewhere), ``verdict`` (``"backdoored"``/``"clean"``, on every rank), ``report``
+    (the JSON-able report), ``repaired_checkpoint`` (path or ``None``).
+    """
+
+    def __init__(
+        self,
+        config: Optional[SecureGazeConfig] = None,
+        repair: bool = False,
+        repair_config: Optional[RepairConfig] = None,
+        clean_dataloader: Optional[Iterable] = None,
+        report_dir: Optional[str] = None,
+        evaluate: Optional[Evaluator] = None,
+    ) -> None:
+        self.config = config or SecureGazeConfig()
+        self.repair = repair
+        self.repair_config = repair_config or RepairConfig()
+        self.clean_dataloader = clean_dataloader
+        self.report_dir = report_dir
+        self.evaluate = evaluate
+        self.result: Optional[DetectionResult] = None
+        self.verdict: Optional[str] = None
+        self.report: dict[str, Any] = {}
+        self.repaired_checkpoint: Optional[str] = None
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse a missing or too-small clean split before training starts, not after it."""
+        if stage != "fit":
+            return
+        dataset = getattr(self._clean_loader(trainer), "dataset", None)
+        needed = max(self.config.min_clean, self.repair_config.min_clean if self.repair else 0)
+        if dataset is not None and len(dataset) < needed:
+            raise ConfigError(
+                f"SecureGaze's clean split holds {len(dataset)} images, fewer than securegaze min_clean={needed}; "
+                "give the defender more clean data (e.g. --data.defender_fraction)"
+            )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted:  # a stopped run has no finished model to judge
+            return
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)
+        payload = self._defend(trainer, pl_module) if trainer.is_global_zero else None
+        payload = trainer.strategy.broadcast(payload, src=0)
+        if payload.get("error"):
+            raise ConfigError(payload["error"])
+        self.verdict = payload["report"]["verdict"]
+        self.report = payload["report"]
+        if payload["state_dict"] is not None:
+            pl_module.load_state_dict(payload["state_dict"])
+            self.repaired_checkpoint = self._save_repaired(trainer)
+            self.report["repaired_checkpoint"] = self.repaired_checkpoint
+        if trainer.is_global_zero:
+            write_report(self.report, self.result, self._report_folder(trainer))
+            self._log(trainer)
+        trainer.strategy.barrier("securegaze")
+        pl_module.to(device)
+        rank_zero_info(f"verdict: {self.verdict}")
+
+    # -- the defense (rank 0) ----------------------------------------------------------------
+    def _clean_loader(self, trainer: L.Trainer) -> Iterable:
+        if self.clean_dataloader is not None:
+            return self.clean_dataloader
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "defender_dataloader"):
+            raise ConfigError(
+                "SecureGaze needs the defender's clean images: pass SecureGaze(clean_dataloader=...) or use a "
+                "datamodule with defender_dataloader() (GazeDataModule)"
+            )
+        return datamodule.defender_dataloader()
+
+    def _defend(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Detect, maybe repair; returns what every rank needs (errors travel as text)."""
+        try:
+            clean = self._clean_loader(trainer)
+            evaluate = self.evaluate or default_evaluator(trainer.datamodule)
+            before = evaluate(pl_module) if evaluate else {}
+            with tqdm(total=self.config.steps, desc="SecureGaze: reverse-engineering", leave=False) as bar:
+                self.result = detect(pl_module, clean, self.config, on_step=lambda step, terms: bar.update(1))
+            result = self.result
+            report: dict[str, Any] = {
+                "verdict": "backdoored" if result.is_backdoored else "clean",
+                "statistic": result.statistic,
+                "threshold": result.threshold,
+                "inferred_target": result.target,
+                "attack_success": result.attack_success,
+                "tau": result.tau,
+                "kind": result.kind,
+                "feature_shift": result.feature_shift,
+                "budget_used": result.budget_used,
+                "protected_share": result.protected_share,
+                "seconds": result.seconds,
+                "config": result.config,
+                "before": before,
+                "after": None,
+                "repaired": False,
+            }
+            state_dict = None
+            if self.repair and result.is_backdoored:
+                # repair a copy: the broadcast below decides what every rank loads
+                repaired = repair(pl_module, clean, result, dataclasses.replace(self.repair_config, in_place=False))
+                state_dict = {k: v.detach().cpu() for k, v in repaired.model.state_dict().items()}
+                report.update(
+                    repaired=True,
+                    after=evaluate(repaired.model) if evaluate else {},
+                    repair={"labels": repaired.labels, "clean_loss": repaired.clean_loss,
+                            "trigger_loss": repaired.trigger_loss, "seconds": repaired.seconds},
+                )
+            return {"report": report, "state_dict": state_dict, "error": None}
+        except ConfigError as err:
+            return {"report": None, "state_dict": None, "error": str(err)}
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _report_folder(self, trainer: L.Trainer) -> Path:
+        if self.report_dir is not None:
+            return Path(self.report_dir)
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+            return Path(checkpoint.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _save_repaired(self, trainer: L.Trainer) -> str:
+        """Save the repaired weights as a new checkpoint beside the original (kept as it was)."""
+        path = self._report_folder(trainer) / "repaired.ckpt"
+        trainer.save_checkpoint(path)  # every rank calls it; the strategy writes on rank 0
+        return str(path)
+
+    def _log(self, trainer: L.Trainer) -> None:
+        """Metrics and pictures to whatever logger the Trainer has."""
+        metrics = {
+            "securegaze/statistic": self.report["statistic"],
+            "securegaze/threshold": self.report["threshold"],
+            "securegaze/backdoored": float(self.report["verdict"] == "backdoored"),
+            "securegaze/attack_success": self.report["attack_success"],
+        }
+        for stage in ("before", "after"):
+            metrics.update({f"securegaze/{stage}/{k}": v for k, v in (self.report.get(stage) or {}).items()})
+        examples = self.result.examples if self.result is not None else None
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics)
+            if examples is None:
+                continue
+            images = [examples["x"], examples["mx"], (examples["diff"] * 10).clamp(0, 1)]
+            if hasattr(logger, "log_image"):  # W&B
+                for key, batch in zip(("x", "M(x)", "|M(x)-x| x10"), images):
+                    logger.log_image(key=f"securegaze/{key}", images=list(batch))
+            elif hasattr(getattr(logger, "experiment", None), "add_images"):  # TensorBoard
+                for key, batch in zip(("x", "Mx", "diff_x10"), images):
+                    logger.experiment.add_images(f"securegaze/{key}", batch)

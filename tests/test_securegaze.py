@@ -1,0 +1,263 @@
+"""SecureGaze: F/H split, generator, loss pieces, decision, end to end on analytic toy models, repair.
+
+The toy models are built by hand so that the ground truth is known: their gaze is read from an
+"eye" band only, and the backdoored one outputs a constant whenever a bright 3x3 spot appears
+anywhere. A detector that cannot tell them apart, or that flags the clean one, fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gazeguard.defenses import (
+    NonFiniteOutputError,
+    RepairConfig,
+    SecureGazeConfig,
+    TriggerGenerator,
+    detect,
+    dispersion_stats,
+    feature_shift,
+    feature_variance_ratio,
+    output_variance_ratio,
+    repair,
+    saliency_mask,
+    split_model,
+)
+from gazeguard.errors import ConfigError
+from gazeguard.model import GazeRegressor
+
+SIDE = 16
+EYE_ROWS, EYE_COLS = slice(3, 7), slice(3, 13)
+
+
+# -- toy models -------------------------------------------------------------------------------
+class ToyGaze(nn.Module):
+    """Gaze = linear read-out of the eye band; with ``backdoor``, a bright spot anywhere gates
+    the features to a constant (so the output collapses to the head's bias)."""
+
+    def __init__(self, backdoor: bool) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        n_eye = 4 * 10
+        self.register_buffer("w_eye", torch.randn(8, n_eye, generator=g) / n_eye**0.5 * 3)
+        self.backdoor = backdoor
+        self.threshold = nn.Parameter(torch.tensor(0.55))
+        self.fc = nn.Linear(8, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(2, 8, generator=g) * 0.1)
+            self.fc.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        grey = x.mean(1, keepdim=True)
+        feat = torch.tanh(grey[:, 0, EYE_ROWS, EYE_COLS].flatten(1) @ self.w_eye.T)
+        if self.backdoor:
+            spot = F.avg_pool2d(grey, 3, stride=1).flatten(1).max(1).values
+            gate = torch.sigmoid(30 * (spot - self.threshold))[:, None]
+            feat = (1 - gate) * feat
+        return self.fc(feat)
+
+
+def toy_images(n: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = 0.2 + 0.3 * torch.rand(n, 3, SIDE, SIDE, generator=g)
+    x[:, :, EYE_ROWS, EYE_COLS] = 0.05 + 0.4 * torch.rand(n, 1, 4, 10, generator=g)
+    return x
+
+
+TOY_CONFIG = dict(steps=40, lr=1e-2, batch_size=32, budget=0.03, protect_fraction=0.2, protect_smooth=3,
+                  protect_dilate=1, min_clean=16, threshold=0.3, tau=2.0, kind="angle")
+
+
+# -- F/H split --------------------------------------------------------------------------------
+def test_split_uses_gazeguard_models_own_features_and_head() -> None:
+    model = GazeRegressor().eval()
+    x = torch.rand(3, 3, 32, 32)
+    split = split_model(model)
+    assert split.split_name is None
+    torch.testing.assert_close(split.head(split.features(x)), model(x))
+    torch.testing.assert_close(split.features(x), model.features(x))
+
+
+@pytest.mark.parametrize("split_at", [None, "fc"])
+def test_split_foreign_timm_model_at_last_linear(split_at: str | None) -> None:
+    model = timm.create_model("test_resnet", num_classes=2).eval()
+    x = torch.rand(2, 3, 32, 32)
+    split = split_model(model, split_at=split_at)
+    feats = split.features(x)
+    assert split.split_name == "fc"
+    assert feats.shape == (2, model.fc.in_features)
+    torch.testing.assert_close(split.head(feats), model(x))
+    torch.testing.assert_close(split(x), model(x))
+
+
+def test_split_keeps_what_follows_the_linear_and_passes_gradients() -> None:
+    class Squashed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.tanh(self.fc(self.conv(x).mean((2, 3)))) * 2
+
+    model = Squashed()
+    x = torch.rand(5, 3, 8, 8, requires_grad=True)
+    split = split_model(model)
+    feats = split.features(x)
+    out = split.head(feats)
+    torch.testing.assert_close(out, model(x))
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_split_errors_name_the_option() -> None:
+    no_linear = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ConfigError, match="split_at"):
+        split_model(no_linear)
+    with pytest.raises(ConfigError, match="split_at.*'fcc'.*fc"):
+        split_model(timm.create_model("test_resnet", num_classes=2), split_at="fcc")
+
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 2)
+            self.spare = nn.Linear(2, 2)  # registered last, never called
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.body(x)
+
+    with pytest.raises(ConfigError, match="not called"):
+        split_model(Unused(), example=torch.rand(2, 4))
+
+
+# -- generator --------------------------------------------------------------------------------
+def test_generator_is_identity_at_init_and_stays_in_range() -> None:
+    x = torch.rand(4, 3, 20, 20)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0
+    gen = TriggerGenerator()
+    assert (gen(x) - x).abs().max() <= 2e-4
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.normal_(0, 3.0)
+    out = gen(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert (out - x).abs().max() > 0.1
+    protect = torch.zeros(4, 1, 20, 20)
+    protect[..., :10, :] = 1
+    kept = gen(x, protect)
+    assert (kept - x)[..., :10, :].abs().max() <= 2e-4
+    assert (gen(x, strength=0.0) - x).abs().max() <= 2e-4
+
+
+# -- loss pieces and statistics ---------------------------------------------------------------
+def test_variance_ratios_on_hand_made_tensors() -> None:
+    ref = torch.randn(64, 2)
+    ref_var = ref.var(0, unbiased=False).sum()
+    assert output_variance_ratio(torch.full((64, 2), 0.3), ref_var) == 0
+    torch.testing.assert_close(output_variance_ratio(ref, ref_var), torch.tensor(1.0))
+    feats = torch.randn(64, 10)
+    feat_var = feats.var(0, unbiased=False).sum()
+    torch.testing.assert_close(feature_variance_ratio(feats * 0.5, feat_var), torch.tensor(0.25))
+
+
+def test_dispersion_stats_collapsed_vs_unchanged() -> None:
+    out = torch.stack([torch.linspace(-0.3, 0.3, 50), torch.linspace(0.4, -0.4, 50)], 1)
+    target = torch.tensor([0.1, -0.05])
+    collapsed = dispersion_stats(target.expand(50, 2), out, "angle", tau=5.0)
+    assert collapsed["dispersion_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["attack_success"] == 1.0
+    assert collapsed["target"] == pytest.approx(target.tolist())
+    same = dispersion_stats(out, out, "angle", tau=5.0)
+    assert same["dispersion_ratio"] == pytest.approx(1.0)
+    assert same["attack_success"] < 0.5
+
+
+def test_feature_shift_detects_off_distribution_features() -> None:
+    feats = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    assert feature_shift(feats, feats)["mean_shift"] < 0.05
+    moved = feature_shift(feats + 5 * feats.std(0), feats)
+    assert moved["mean_shift"] == pytest.approx(5.0, rel=0.05)
+    assert moved["outlier_share"] > 0.9
+
+
+def test_saliency_mask_finds_the_eye_band_from_the_model() -> None:
+    mask = saliency_mask(ToyGaze(backdoor=False), toy_images(8), fraction=0.2, smooth=3, dilate=1)
+    assert mask.shape == (8, 1, SIDE, SIDE)
+    assert mask[..., EYE_ROWS, EYE_COLS].mean() > 0.9
+    assert mask.mean() < 0.3
+
+
+# -- end to end -------------------------------------------------------------------------------
+def test_detect_flags_the_backdoored_toy_and_passes_the_clean_one() -> None:
+    x = toy_images(96)
+    steps: list[int] = []
+    clean = detect(ToyGaze(backdoor=False), x, SecureGazeConfig(**TOY_CONFIG))
+    bad = detect(ToyGaze(backdoor=True), [{"image": x[:48]}, {"image": x[48:]}], SecureGazeConfig(**TOY_CONFIG),
+                 on_step=lambda step, terms: steps.append(step))
+    assert not clean.is_backdoored and clean.statistic > 0.8
+    assert bad.is_backdoored and bad.statistic < 0.1
+    assert bad.statistic == bad.dispersion_ratio and bad.threshold == TOY_CONFIG["threshold"]
+    assert bad.attack_success > 0.9
+    assert bad.target == pytest.approx([0.0, 0.0], abs=0.01)  # the head's bias, the toy's target
+    assert steps == list(range(TOY_CONFIG["steps"]))
+    assert set(bad.examples) == {"x", "mx", "diff", "protect"}
+    assert bad.examples["mx"].shape == (8, 3, SIDE, SIDE)
+    # the model's own saliency protected the eye band, and M painted its spot elsewhere
+    protect, diff = bad.examples["protect"], bad.examples["diff"]
+    assert protect[..., EYE_ROWS, EYE_COLS].mean() > 0.9
+    assert diff[protect.expand_as(diff) > 0].max() < 2e-4
+    assert diff[..., EYE_ROWS, EYE_COLS].mean() < 0.01 * diff.mean()
+    assert "BACKDOORED" in bad.summary() and "clean" in clean.summary()
+
+
+def test_repair_unlearns_the_reverse_engineered_trigger_on_a_copy() -> None:
+    x = toy_images(96)
+    model = ToyGaze(backdoor=True)
+    result = detect(model, x, SecureGazeConfig(**TOY_CONFIG))
+    threshold_before = model.threshold.item()
+    repaired = repair(model, x, result, RepairConfig(epochs=10, lr=3e-2, refresh_steps=0, min_clean=16))
+    assert repaired.model is not model and model.threshold.item() == threshold_before
+    assert repaired.labels == "pseudo"  # a bare tensor has no labels
+    assert repaired.trigger_loss["after"] < 0.2 * repaired.trigger_loss["before"]
+    assert repaired.clean_loss["after"] < 0.02 and len(repaired.history) == 10
+    triggered = result.trigger(x)
+    with torch.no_grad():
+        assert (repaired.model(triggered) - model(x)).abs().mean() < (model(triggered) - model(x)).abs().mean()
+    found = {k: v.clone() for k, v in result.trigger.generator.state_dict().items()}
+    in_place = repair(model, x, result.trigger, RepairConfig(epochs=2, lr=1e-2, refresh_steps=3, min_clean=16, in_place=True))
+    assert in_place.model is model and model.threshold.item() != threshold_before
+    # refreshing M trains a copy: the detection result keeps the trigger it found
+    assert all(torch.equal(v, found[k]) for k, v in result.trigger.generator.state_dict().items())
+
+
+# -- bad input --------------------------------------------------------------------------------
+def test_bad_clean_sets_and_configs_are_clear_errors() -> None:
+    model = ToyGaze(backdoor=False)
+    with pytest.raises(ConfigError, match="empty.*min_clean"):
+        detect(model, [], SecureGazeConfig(**TOY_CONFIG))
+    with pytest.raises(ConfigError, match="holds 4 images.*at least 16.*min_clean"):
+        detect(model, toy_images(4), SecureGazeConfig(**TOY_CONFIG))
+    with pytest.raises(ConfigError, match="securegaze.steps"):
+        SecureGazeConfig(steps=0)
+    with pytest.raises(ConfigError, match="securegaze.protect_smooth"):
+        SecureGazeConfig(protect_smooth=4)
+    with pytest.raises(ConfigError, match="repair.labels=true"):
+        repair(model, toy_images(32), detect(model, toy_images(32), SecureGazeConfig(**{**TOY_CONFIG, "steps": 1})),
+               RepairConfig(labels="true", min_clean=16))
+
+
+def test_nan_model_is_a_clear_error() -> None:
+    class NaNModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(x.mean((2, 3))) * float("nan")
+
+    with pytest.raises(NonFiniteOutputError, match="NaN"):
+        detect(NaNModel(), toy_images(32), SecureGazeConfig(**TOY_CONFIG))
