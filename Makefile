@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := offline
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install fit test clean
 
