@@ -25,9 +25,13 @@ Design choices, with the evidence (SIG model "sig_0" of the dev zoo, ASR 0.997, 
   (and the detection result's M) untouched, so callers can compare before and after;
   ``RepairConfig.in_place`` saves memory.
 
+With the defaults (5 epochs, Adam 3e-4, strengths (1, 2), 20 refresh steps, true labels) the
+SIG model "sig_1" went from ASR 0.969, robust error 17.3 deg, benign 5.97 deg to ASR 0.043,
+robust 9.10 deg (1.2x benign), benign 7.41 deg, in 19 s of CPU time (one thread).
+
 Known limit: unlearning costs benign accuracy on these small synthetic models: +1.2 to +2.7 deg
-benign error over the three repaired models (Blended, 2x SIG), where the project asks for at
-most +0.5, and robust error stays at 1.0x (Blended) to 1.7x (SIG) the benign error.
+benign error over the repaired models (Blended, SIG), where the project asks for at most
++0.5; robust error ends at 1.0x (Blended) to 1.7x (SIG) the benign error.
 """
 
 from __future__ import annotations
