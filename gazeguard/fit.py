@@ -4,7 +4,8 @@ Built on LightningCLI, so every option of the model (``--model.*``), the data
 (``--data.*``) and the Trainer (``--trainer.*``) is a documented flag, ``--config FILE.yaml``
 reads a config and ``--print_config`` shows the resolved one. ``--seed`` fixes every random
 source: initialisation, data split and order, augmentation and the choice of poisoned samples.
-``--attack NAME`` trains on data poisoned by that attack and reports the backdoor's metrics;
+``--attack NAME`` trains on data poisoned by that attack (IAD: co-trains its trigger generator
+with the model on clean data) and reports the backdoor's metrics;
 ``--defense securegaze`` runs SecureGaze detection (and repair) when training ends.
 """
 
@@ -18,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from gazeguard.attacks import BackdoorMetricsLogger, PoisonedDataModule, create, evaluate_attack
+from gazeguard.attacks import BackdoorMetricsLogger, IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
 from gazeguard.attacks.metrics import default_tau
 from gazeguard import callbacks
 from gazeguard.cli_options import AttackOptions, DefenseOptions, expand_shorthands
@@ -63,6 +64,8 @@ class GazeCLI(LightningCLI):
             target = {} if options.target is None else {"target": options.target}
             attack = create(options.name, poison_rate=options.poison_rate, **target, **options.options)
             self.datamodule = PoisonedDataModule(self.datamodule, attack)
+            if attack.trained_in_loop:  # IAD: the model co-trains the trigger on clean data
+                self.model = IADGazeRegressor(self.model, attack)
             self.trainer.callbacks.append(BackdoorMetricsLogger())
         defense: DefenseOptions = self.config_init["defense"]
         self.defense = None

@@ -120,3 +120,11 @@ def test_defense_with_too_small_clean_split_fails_clearly(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert "error:" in err and "min_clean" in err
     assert not list((tmp_path / "runs").rglob("*.ckpt"))  # refused before training
+
+
+def test_fit_with_iad_co_trains_the_trigger_and_prints_backdoor_metrics(tmp_path: Path, capsys):
+    summary = fit.run(tiny_args(tmp_path, "--attack", "iad", "--attack.options", "{mask_steps: 2}"))
+    lines = capsys.readouterr().out.splitlines()
+    assert f"ASR@5deg: {100 * summary['attack']['asr']:.1f}%" in lines
+    state = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert state["mask_trained"] and any(name.startswith("generator.pattern_net.") for name in state)

@@ -1,15 +1,17 @@
 """Backdoor attacks on gaze regressors: triggers, poisoned data and attack metrics.
 
-``create("badnets")`` (or ``blended``, ``wanet``, ``sig``, ``tape``) builds an :class:`Attack`;
-:class:`PoisonedDataModule` poisons any :class:`~gazeguard.data.GazeDataModule` with it;
+``create("badnets")`` (or ``blended``, ``wanet``, ``sig``, ``tape``, ``iad``) builds an
+:class:`Attack`; :class:`PoisonedDataModule` poisons any :class:`~gazeguard.data.GazeDataModule` with it;
 :func:`evaluate_attack` and :class:`BackdoorMetricsLogger` measure it. Users bring their own
 trigger as any ``albumentations.ImageOnlyTransform``: ``Attack(trigger=MyTransform(), ...)`` or
 ``register("mine", MyTransform)``. The figure helper lives in :mod:`gazeguard.attacks.figure`
-(it imports matplotlib).
+(it imports matplotlib). IAD's trigger is learned: train the victim wrapped in
+:class:`IADGazeRegressor` (see :mod:`gazeguard.attacks.iad`).
 """
 
 from gazeguard.attacks.base import AllToOne, Attack, LabelRule
 from gazeguard.attacks.callback import BackdoorMetricsLogger
+from gazeguard.attacks.iad import IADGazeRegressor, IADTrigger, InputAwareGenerator
 from gazeguard.attacks.metrics import DEFAULT_TAU, BackdoorMetrics, attack_metrics, evaluate_attack
 from gazeguard.attacks.poison import PoisonedDataModule, PoisonedDataset, TriggeredDataset
 from gazeguard.attacks.registry import ATTACKS, create, register
@@ -24,6 +26,9 @@ __all__ = [
     "BadNets",
     "Blended",
     "DEFAULT_TAU",
+    "IADGazeRegressor",
+    "IADTrigger",
+    "InputAwareGenerator",
     "LabelRule",
     "PoisonedDataModule",
     "PoisonedDataset",

@@ -118,6 +118,12 @@ class Attack:
         self.name = name or type(self.trigger).__name__
 
     @property
+    def trained_in_loop(self) -> bool:
+        """Whether the trigger is learned with the model, in its training loop (IAD): the
+        training data then stays clean and the model's training step poisons its batches."""
+        return bool(getattr(self.trigger, "trained_in_loop", False))
+
+    @property
     def cross_rate(self) -> float:
         """Share of the training split used as label-keeping cross samples."""
         return self.poison_rate * self.cross_ratio

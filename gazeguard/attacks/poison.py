@@ -159,6 +159,8 @@ class PoisonedDataModule(L.LightningDataModule):
         self._roles = self._draw_roles(len(train))
 
     def _draw_roles(self, n_train: int) -> np.ndarray:
+        if self.attack.trained_in_loop:  # IAD poisons batches in the training loop, no stored sample
+            return np.full(n_train, CLEAN, dtype=np.int8)
         n_poison = int(round(self.attack.poison_rate * n_train))
         if n_poison == 0:
             raise ConfigError(
@@ -225,8 +227,9 @@ class PoisonedDataModule(L.LightningDataModule):
         return self.base.split_dataset(split, augment=augment, trigger=(copy.deepcopy(trigger),), indices=indices)
 
     def split_dataset(self, split: str, augment: bool = False) -> Dataset:
-        """The poisoned ``train`` split, or the base's clean ``val``, ``test``, ``defend``."""
-        if split != "train":
+        """The poisoned ``train`` split, or the base's clean ``val``, ``test``, ``defend``; the
+        clean ``train`` split for an attack trained in the loop (its model poisons the batches)."""
+        if split != "train" or self.attack.trained_in_loop:
             return self.base.split_dataset(split, augment=augment)
         clean = self.base.split_dataset("train", augment=augment)
         variants = {CLEAN: clean, POISONED: self._through("train", clean.indices, self.attack.trigger, augment)}

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import albumentations as A
 
 from gazeguard.attacks.base import Attack, TriggerLike, is_trigger_like
+from gazeguard.attacks.iad import IADTrigger
 from gazeguard.attacks.triggers import SIG, BadNets, Blended, Tape, WaNet
 from gazeguard.errors import ConfigError
 
@@ -72,8 +73,8 @@ ATTACKS: dict[str, AttackFactory] = {
     "wanet": _wanet,
     "sig": _from_trigger("sig", SIG),
     "tape": _from_trigger("tape", Tape),
-    # "iad": input-aware dynamic triggers (generator co-trained with the model) register their
-    # factory here once implemented; a fixed transform cannot express them.
+    # The trigger holds a generator that only IADGazeRegressor's co-training makes meaningful.
+    "iad": _from_trigger("iad", IADTrigger),
 }
 
 
