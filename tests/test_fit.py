@@ -7,6 +7,8 @@ import torch
 
 from gazeguard import fit
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the CLI (seconds each; CI runs them)
+
 
 def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
     return [
