@@ -8,7 +8,7 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from gazeguard.gaze import TargetKind, gaze_distance
+from gazeguard.gaze import TargetKind
 from gazeguard.metrics import GazeError
 
 BatchLike = Union[Mapping[str, Tensor], Sequence[Tensor], Tensor]
@@ -31,9 +31,6 @@ class Predictions:
     gaze: Tensor
     group: Tensor
 
-    def errors(self, kind: TargetKind) -> Tensor:
-        return gaze_distance(self.pred, self.gaze, kind)
-
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable[Mapping[str, Tensor]]) -> Predictions:
@@ -52,12 +49,23 @@ def predict(model: nn.Module, loader: Iterable[Mapping[str, Tensor]]) -> Predict
     return Predictions(torch.cat(preds), torch.cat(gazes), torch.cat(groups))
 
 
+def mean_error(pred: Tensor, reference: Tensor, kind: TargetKind) -> float:
+    """Mean error of ``pred`` against ``reference`` (degrees or cm), via :class:`GazeError`."""
+    metric = GazeError(kind)
+    metric.update(pred, reference)
+    return float(metric.compute())
+
+
+def benign_error(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], kind: TargetKind) -> float:
+    """Mean error of ``model`` on a loader of clean gazeguard batches."""
+    predictions = predict(model, loader)
+    return mean_error(predictions.pred, predictions.gaze, kind)
+
+
 def error_by_group(predictions: Predictions, kind: TargetKind, names: Sequence[str]) -> dict[str, float]:
-    """Mean error per subject (by name), computed with :class:`GazeError`."""
+    """Mean error per subject (by name)."""
     out: dict[str, float] = {}
     for index in predictions.group.unique().tolist():
         mask = predictions.group == index
-        metric = GazeError(kind)
-        metric.update(predictions.pred[mask], predictions.gaze[mask])
-        out[str(names[index])] = float(metric.compute())
+        out[str(names[index])] = mean_error(predictions.pred[mask], predictions.gaze[mask], kind)
     return out

@@ -25,9 +25,8 @@ from gazeguard import callbacks
 from gazeguard.cli_options import AttackOptions, DefenseOptions, expand_shorthands
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.errors import ConfigError, GazeguardError
-from gazeguard.evaluate import error_by_group, predict
+from gazeguard.evaluate import error_by_group, mean_error, predict
 from gazeguard.gaze import UNITS
-from gazeguard.metrics import GazeError
 from gazeguard.model import GazeRegressor
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -102,10 +101,6 @@ def summarize(cli: GazeCLI, seconds: float) -> dict[str, Any]:
     kind = data.kind
     predictions = predict(model, data.test_dataloader())
     mean_train = torch.as_tensor(data.source.labels[data.split_indices["train"]].mean(axis=0))
-    constant = GazeError(kind)
-    constant.update(mean_train.expand_as(predictions.gaze), predictions.gaze)
-    overall = GazeError(kind)
-    overall.update(predictions.pred, predictions.gaze)
     checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
     defense = cli.defense
     attack = None
@@ -117,8 +112,8 @@ def summarize(cli: GazeCLI, seconds: float) -> dict[str, Any]:
         "kind": kind,
         "attack": attack,
         "per_subject": error_by_group(predictions, kind, data.split_dataset("test").group_names),
-        "test_error": float(overall.compute()),
-        "constant_error": float(constant.compute()),
+        "test_error": mean_error(predictions.pred, predictions.gaze, kind),
+        "constant_error": mean_error(mean_train.expand_as(predictions.gaze), predictions.gaze, kind),
         "seconds": seconds,
         "checkpoint": checkpoint,
         "defense": defense.report if defense is not None else None,

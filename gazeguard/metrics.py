@@ -79,8 +79,3 @@ class HitRate(_GazeDistanceMetric):
 
     def compute(self) -> Tensor:
         return self._mean()
-
-
-def error_metric(kind: TargetKind) -> GazeError:
-    """The error metric that fits a target kind."""
-    return GazeError(kind=kind)

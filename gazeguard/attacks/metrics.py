@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional
 
 from torch import Tensor, nn
 
-from gazeguard.evaluate import predict
+from gazeguard.evaluate import benign_error, predict
 from gazeguard.gaze import TARGET_KINDS, TargetKind
 from gazeguard.metrics import GazeError, HitRate
 
@@ -80,7 +80,4 @@ def attack_metrics(model: nn.Module, data: PoisonedDataModule, split: str = "tes
 
 def evaluate_attack(model: nn.Module, data: PoisonedDataModule) -> dict[str, float]:
     """Benign error on the clean test split plus :func:`attack_metrics` on the triggered one."""
-    clean = predict(model, data.test_dataloader())
-    benign = GazeError(data.kind)
-    benign.update(clean.pred, clean.gaze)
-    return {"benign_error": float(benign.compute()), **attack_metrics(model, data, "test")}
+    return {"benign_error": benign_error(model, data.test_dataloader(), data.kind), **attack_metrics(model, data, "test")}

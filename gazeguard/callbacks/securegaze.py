@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 from gazeguard.callbacks.report import write_report
 from gazeguard.defenses import DetectionResult, RepairConfig, SecureGazeConfig, detect, repair
 from gazeguard.errors import ConfigError
-from gazeguard.evaluate import predict
-from gazeguard.metrics import GazeError
+from gazeguard.evaluate import benign_error
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
@@ -41,13 +40,7 @@ def default_evaluator(datamodule: Any) -> Optional[Evaluator]:
         return lambda model: evaluate_attack(model, datamodule)
     if datamodule is not None and hasattr(datamodule, "test_dataloader") and hasattr(datamodule, "kind"):
 
-        def benign(model: nn.Module) -> dict[str, float]:
-            predictions = predict(model, datamodule.test_dataloader())
-            metric = GazeError(datamodule.kind)
-            metric.update(predictions.pred, predictions.gaze)
-            return {"benign_error": float(metric.compute())}
-
-        return benign
+        return lambda model: {"benign_error": benign_error(model, datamodule.test_dataloader(), datamodule.kind)}
     return None
 
 
