@@ -50,8 +50,13 @@ def predict(model: nn.Module, loader: Iterable[Mapping[str, Tensor]]) -> Predict
 
 
 def mean_error(pred: Tensor, reference: Tensor, kind: TargetKind) -> float:
-    """Mean error of ``pred`` against ``reference`` (degrees or cm), via :class:`GazeError`."""
-    metric = GazeError(kind)
+    """Mean error of ``pred`` against ``reference`` (degrees or cm), via :class:`GazeError`.
+
+    Local to this process (no DDP sync): the callers evaluate whole loaders on one rank (e.g.
+    the defense on rank 0), where a synchronising ``compute`` would wait for the other ranks
+    forever.
+    """
+    metric = GazeError(kind, sync_on_compute=False)
     metric.update(pred, reference)
     return float(metric.compute())
 

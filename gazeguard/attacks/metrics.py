@@ -12,7 +12,7 @@ DDP whatever the per-rank batch sizes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor, nn
 
@@ -41,13 +41,13 @@ class BackdoorMetrics(nn.Module):
     target and one with the true gaze. ``.to(device)`` moves all three.
     """
 
-    def __init__(self, kind: TargetKind = "angle", tau: Optional[float] = None) -> None:
+    def __init__(self, kind: TargetKind = "angle", tau: Optional[float] = None, **metric_options: Any) -> None:
         super().__init__()
         self.kind = kind
         self.tau = default_tau(kind) if tau is None else tau
-        self.attack_error = GazeError(kind)
-        self.asr = HitRate(self.tau, kind)
-        self.robust_error = GazeError(kind)
+        self.attack_error = GazeError(kind, **metric_options)
+        self.asr = HitRate(self.tau, kind, **metric_options)
+        self.robust_error = GazeError(kind, **metric_options)
 
     def update(self, pred: Tensor, gaze: Tensor, target: Tensor) -> None:
         """``pred``: outputs on triggered inputs; ``gaze``: their true gazes; ``target``: the attack's."""
@@ -71,7 +71,8 @@ def attack_metrics(model: nn.Module, data: PoisonedDataModule, split: str = "tes
     """``attack_error``, ``asr``, ``robust_error`` and ``n_triggered`` of ``model`` on the
     triggered ``split`` (``val`` or ``test``) of ``data``."""
     predictions = predict(model, data.triggered_dataloader(split))
-    metrics = BackdoorMetrics(data.kind, data.tau)
+    # Local to this process, like evaluate.mean_error: callers may run on one DDP rank only.
+    metrics = BackdoorMetrics(data.kind, data.tau, sync_on_compute=False)
     # The targets are a function of the true gazes (the label rule), as in the batches' "target".
     metrics.update(predictions.pred, predictions.gaze, data.attack.targets(predictions.gaze))
     values = {name: float(value) for name, value in metrics.compute().items()}
