@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
-from gazeguard.callbacks.report import write_report
+from gazeguard.callbacks.report import JSON_NAME, MARKDOWN_NAME, PICTURE_NAME, write_report
 from gazeguard.defenses import DetectionResult, RepairConfig, SecureGazeConfig, detect, repair
 from gazeguard.errors import ConfigError
 from gazeguard.evaluate import benign_error
+from gazeguard.loggers import log_files_artifact, to_uint8_images
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
@@ -85,9 +87,12 @@ class SecureGaze(L.Callback):
     # -- Lightning hooks ---------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Refuse a missing or too-small clean split before training starts, not after it."""
-        if stage != "fit":
-            return
-        dataset = getattr(self._clean_loader(trainer), "dataset", None)
+        if stage == "fit":
+            self.check_clean_split(trainer.datamodule)
+
+    def check_clean_split(self, datamodule: Any) -> None:
+        """Refuse a missing or too-small clean split (the audit command calls this too)."""
+        dataset = getattr(self._clean_loader(datamodule), "dataset", None)
         needed = max(self.config.min_clean, self.repair_config.min_clean if self.repair else 0)
         if dataset is not None and len(dataset) < needed:
             raise ConfigError(
@@ -100,7 +105,7 @@ class SecureGaze(L.Callback):
             return
         device = pl_module.device
         pl_module.to(trainer.strategy.root_device)
-        payload = self._defend(trainer, pl_module) if trainer.is_global_zero else None
+        payload = self.defend(pl_module, trainer.datamodule) if trainer.is_global_zero else None
         payload = trainer.strategy.broadcast(payload, src=0)
         if payload.get("error"):
             raise ConfigError(payload["error"])
@@ -111,17 +116,17 @@ class SecureGaze(L.Callback):
             self.repaired_checkpoint = self._save_repaired(trainer)
             self.report["repaired_checkpoint"] = self.repaired_checkpoint
         if trainer.is_global_zero:
-            write_report(self.report, self.result, self._report_folder(trainer))
-            self._log(trainer)
+            folder = self._report_folder(trainer)
+            write_report(self.report, self.result, folder)
+            self._log(trainer, folder)
         trainer.strategy.barrier("securegaze")
         pl_module.to(device)
         rank_zero_info(f"verdict: {self.verdict}")
 
     # -- the defense (rank 0) ----------------------------------------------------------------
-    def _clean_loader(self, trainer: L.Trainer) -> Iterable:
+    def _clean_loader(self, datamodule: Any) -> Iterable:
         if self.clean_dataloader is not None:
             return self.clean_dataloader
-        datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "defender_dataloader"):
             raise ConfigError(
                 "SecureGaze needs the defender's clean images: pass SecureGaze(clean_dataloader=...) or use a "
@@ -129,11 +134,16 @@ class SecureGaze(L.Callback):
             )
         return datamodule.defender_dataloader()
 
-    def _defend(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """Detect, maybe repair; returns what every rank needs (errors travel as text)."""
+    def defend(self, pl_module: nn.Module, datamodule: Any = None) -> dict[str, Any]:
+        """Detect, maybe repair, on this process; returns what every rank needs (errors travel
+        as text): ``report``, the repaired ``state_dict`` (or ``None``) and ``error``.
+
+        ``on_fit_end`` calls it on rank 0 with the trainer's datamodule; the audit command
+        calls it directly on a loaded model.
+        """
         try:
-            clean = self._clean_loader(trainer)
-            evaluate = self.evaluate or default_evaluator(trainer.datamodule)
+            clean = self._clean_loader(datamodule)
+            evaluate = self.evaluate or default_evaluator(datamodule)
             before = evaluate(pl_module) if evaluate else {}
             with tqdm(total=self.config.steps, desc="SecureGaze: reverse-engineering", leave=False) as bar:
                 self.result = detect(pl_module, clean, self.config, on_step=lambda step, terms: bar.update(1))
@@ -185,8 +195,10 @@ class SecureGaze(L.Callback):
         trainer.save_checkpoint(path)  # every rank calls it; the strategy writes on rank 0
         return str(path)
 
-    def _log(self, trainer: L.Trainer) -> None:
-        """Metrics and pictures to whatever logger the Trainer has."""
+    def _log(self, trainer: L.Trainer, folder: Path) -> None:
+        """The decision to every logger as metrics; pictures of x, M(x) and |M(x) - x| where the
+        logger takes images (W&B, TensorBoard); on W&B also the verdict in the run summary and
+        the report files as an artifact of type ``securegaze-report``."""
         metrics = {
             "securegaze/statistic": self.report["statistic"],
             "securegaze/threshold": self.report["threshold"],
@@ -195,15 +207,45 @@ class SecureGaze(L.Callback):
         }
         for stage in ("before", "after"):
             metrics.update({f"securegaze/{stage}/{k}": v for k, v in (self.report.get(stage) or {}).items()})
-        examples = self.result.examples if self.result is not None else None
+        pictures = self._pictures()
         for logger in trainer.loggers:
-            logger.log_metrics(metrics)
-            if examples is None:
-                continue
-            images = [examples["x"], examples["mx"], (examples["diff"] * 10).clamp(0, 1)]
-            if hasattr(logger, "log_image"):  # W&B
-                for key, batch in zip(("x", "M(x)", "|M(x)-x| x10"), images):
-                    logger.log_image(key=f"securegaze/{key}", images=list(batch))
-            elif hasattr(getattr(logger, "experiment", None), "add_images"):  # TensorBoard
-                for key, batch in zip(("x", "Mx", "diff_x10"), images):
-                    logger.experiment.add_images(f"securegaze/{key}", batch)
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, WandbLogger):
+                self._log_wandb(logger, pictures, folder, trainer.global_step)
+            elif pictures and hasattr(getattr(logger, "experiment", None), "add_images"):  # TensorBoard
+                for key, batch in pictures.items():
+                    batch = batch if batch.dim() == 4 else batch.unsqueeze(1)
+                    logger.experiment.add_images(f"securegaze/{key}", batch, global_step=trainer.global_step)
+            elif pictures and hasattr(logger, "log_image"):  # other loggers with an image API
+                for key, batch in pictures.items():
+                    logger.log_image(key=f"securegaze/{key}", images=to_uint8_images(batch))
+
+    def _pictures(self) -> dict[str, Any]:
+        """Held-out x, M(x), |M(x) - x| (x10, to be visible) and the protected pixels, in [0, 1]."""
+        examples = self.result.examples if self.result is not None else None
+        if not examples:
+            return {}
+        pictures = {"x": examples["x"], "Mx": examples["mx"], "diff_x10": (examples["diff"] * 10).clamp(0, 1)}
+        if "protect" in examples:
+            pictures["protected"] = examples["protect"].float()
+        return pictures
+
+    def _log_wandb(self, logger: WandbLogger, pictures: dict[str, Any], folder: Path, step: int) -> None:
+        report = self.report
+        for key, batch in pictures.items():
+            logger.log_image(key=f"securegaze/{key}", images=to_uint8_images(batch), step=step)
+        if (folder / PICTURE_NAME).is_file():  # the report's overview: rows x, M(x), |M(x)-x|, protected
+            logger.log_image(key="securegaze/examples", images=[str(folder / PICTURE_NAME)], step=step)
+        logger.experiment.summary.update(
+            {
+                "securegaze/verdict": report["verdict"],
+                "securegaze/inferred_target": report["inferred_target"],
+                "securegaze/repaired_checkpoint": report.get("repaired_checkpoint") or "",
+            }
+        )
+        metadata = {key: report.get(key) for key in ("verdict", "statistic", "threshold", "inferred_target", "kind",
+                                                     "repaired", "repaired_checkpoint")}
+        log_files_artifact(
+            logger, "securegaze-report", "securegaze-report",
+            [folder / JSON_NAME, folder / MARKDOWN_NAME, folder / PICTURE_NAME], metadata,
+        )
