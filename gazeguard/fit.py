@@ -2,27 +2,32 @@
 
 Built on LightningCLI, so every option of the model (``--model.*``), the data
 (``--data.*``) and the Trainer (``--trainer.*``) is a documented flag, ``--config FILE.yaml``
-reads a config and ``--print_config`` shows the resolved one. ``--seed`` fixes every random
-source: initialisation, data split and order, augmentation and the choice of poisoned samples.
-``--attack NAME`` trains on data poisoned by that attack (IAD: co-trains its trigger generator
-with the model on clean data) and reports the backdoor's metrics;
-``--defense securegaze`` runs SecureGaze detection (and repair) when training ends.
+reads a config (repeatable: later files and flags override earlier ones; see
+``experiments/configs/``) and ``--print_config`` shows the resolved one. ``--seed`` fixes every
+random source: initialisation, data split and order, augmentation and the choice of poisoned
+samples. ``--attack NAME`` trains on data poisoned by that attack (IAD: co-trains its trigger
+generator with the model on clean data) and reports the backdoor's metrics;
+``--defense securegaze`` runs SecureGaze detection (and repair) when training ends;
+``--logger wandb`` logs to Weights & Biases (``--logger wandb-offline``: no account or network).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from gazeguard import callbacks, loggers
 from gazeguard.attacks import BackdoorMetricsLogger, IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
 from gazeguard.attacks.metrics import default_tau
-from gazeguard import callbacks
-from gazeguard.cli_options import AttackOptions, DefenseOptions, expand_shorthands
+from gazeguard.cli_options import LOGGERS, AttackOptions, DefenseOptions, expand_shorthands
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.errors import ConfigError, GazeguardError
 from gazeguard.evaluate import error_by_group, mean_error, predict
@@ -60,8 +65,8 @@ class GazeCLI(LightningCLI):
         and add the defense callback, if any."""
         options: AttackOptions = self.config_init["attack"]
         if options.name is not None:
-            target = {} if options.target is None else {"target": options.target}
-            attack = create(options.name, poison_rate=options.poison_rate, **target, **options.options)
+            given = {"target": options.target, "poison_rate": options.poison_rate}
+            attack = create(options.name, **{k: v for k, v in given.items() if v is not None}, **options.options)
             self.datamodule = PoisonedDataModule(self.datamodule, attack)
             if attack.trained_in_loop:  # IAD: the model co-trains the trigger on clean data
                 self.model = IADGazeRegressor(self.model, attack)
@@ -79,18 +84,66 @@ class GazeCLI(LightningCLI):
         L.seed_everything(self.config["seed"], workers=True, verbose=False)
 
 
+class SaveConfig(SaveConfigCallback):
+    """``config.yaml`` in the run's log folder. A W&B logger's log folder is its ``save_dir``,
+    which all runs share (concurrent sweep runs would overwrite one file there), so for W&B
+    it goes to the run's own folder, beside its checkpoints. (The W&B run holds the same
+    configuration as its config: :func:`run` logs it as hyper-parameters.)"""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.save_to_log_dir = not loggers.wandb_loggers(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for logger in loggers.wandb_loggers(trainer):
+            folder = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / str(logger.version)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / self.config_filename
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile)
+
+
+class _Formatter(DefaultHelpFormatter):
+    """jsonargparse's help, with the description's line breaks kept (it holds a table)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+DESCRIPTION = f"""Train a gaze regressor (optionally on poisoned data, optionally defended) and print a summary.
+
+Configs: --config FILE.yaml, repeatable (e.g. a data config, then an attack config); later files and
+flags override earlier ones. Every option below can also be given as a dotted flag or set in a config.
+Shorthands, rewritten before parsing (so --print_config shows the result):
+  --attack NAME     = --attack.name NAME       (badnets, blended, wanet, sig, tape, iad)
+  --defense NAME    = --defense.name NAME      (securegaze)
+  --data NAME       = --data.dataset NAME      (synthetic, mpiifacegaze, gazecapture)
+  --logger NAME     = --trainer.logger {{...}}   ({', '.join(LOGGERS)}; default: csv)
+(--attack/--defense/--data followed by an existing file read that file as the group's config.)
+"""
+
+
 def build_cli(args: Optional[list[str]] = None) -> GazeCLI:
     args = expand_shorthands(sys.argv[1:] if args is None else args)
-    return GazeCLI(
-        GazeRegressor,
-        GazeDataModule,
-        run=False,
-        trainer_defaults=TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__.split("\n")[0], "default_env": False},
-        args=args,
-    )
+    with warnings.catch_warnings():
+        # we always pass args (the expanded command line); LightningCLI warns when sys.argv differs
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        return GazeCLI(
+            GazeRegressor,
+            GazeDataModule,
+            run=False,
+            trainer_defaults=TRAINER_DEFAULTS,
+            auto_configure_optimizers=False,
+            save_config_callback=SaveConfig,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "description": DESCRIPTION,
+                "default_env": False,
+                # a misspelt flag must be an error, never a silent prefix match (--model.backbon)
+                "allow_abbrev": False,
+                "formatter_class": _Formatter,
+            },
+            args=args,
+        )
 
 
 def summarize(cli: GazeCLI, seconds: float) -> dict[str, Any]:
@@ -176,6 +229,16 @@ def format_attack(metrics: dict[str, float], kind: str) -> list[str]:
 def run(args: Optional[list[str]] = None) -> dict[str, Any]:
     start = time.perf_counter()
     cli = build_cli(args)
+    try:
+        summary = _fit(cli, start)
+    except BaseException:
+        loggers.finish(cli.trainer, failed=True)
+        raise
+    loggers.finish(cli.trainer)  # flush W&B and let a next run in this process start its own
+    return summary
+
+
+def _fit(cli: GazeCLI, start: float) -> dict[str, Any]:
     cli.datamodule.prepare_data()
     cli.datamodule.setup("fit")  # validate data, splits and attack before anything is trained or written
     if cli.model.kind != cli.datamodule.kind:
@@ -183,14 +246,17 @@ def run(args: Optional[list[str]] = None) -> dict[str, Any]:
             f"model.kind {cli.model.kind!r} does not fit the data's {cli.datamodule.kind!r} targets; "
             f"pass --model.kind {cli.datamodule.kind}"
         )
+    # the whole resolved configuration (Lightning itself logs only the model's and data's arguments)
+    loggers.log_hyperparams(cli.trainer, cli.config)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     summary = summarize(cli, time.perf_counter() - start)
     if cli.trainer.is_global_zero:
         print(format_summary(summary), flush=True)
-        if cli.trainer.logger is not None:
-            metrics = {"test/error": summary["test_error"], "test/constant_error": summary["constant_error"]}
-            metrics.update({f"test/{k}": v for k, v in (summary["attack"] or {}).items()})
-            cli.trainer.logger.log_metrics(metrics)
+        metrics = {"test/error": summary["test_error"], "test/constant_error": summary["constant_error"]}
+        metrics.update({f"test/{k}": v for k, v in (summary["attack"] or {}).items()})
+        for logger in cli.trainer.loggers:
+            logger.log_metrics(metrics, step=cli.trainer.global_step)
+            logger.save()  # fit has finalized the loggers; the CSV logger writes only on save()
     return summary
 
 

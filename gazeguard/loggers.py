@@ -1,0 +1,145 @@
+"""What the fit CLI and the callbacks send to the Trainer's loggers beyond plain metrics.
+
+Every logger gets metrics and hyper-parameters; a :class:`~lightning.pytorch.loggers.WandbLogger`
+also gets pictures (``wandb.Image``), summary values and files (``wandb.Artifact``). W&B is
+touched only when such a logger is configured (``--logger wandb``, ``--logger wandb-offline``),
+so CSV and TensorBoard runs never start W&B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+
+
+def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
+    """The Trainer's W&B loggers (usually none or one)."""
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def plain(value: Any) -> Any:
+    """``value`` as YAML/JSON-able built-ins: namespaces and dataclasses become dicts, tuples
+    lists, paths and other objects strings (loggers store hyper-parameters as YAML or JSON)."""
+    if hasattr(value, "as_dict"):  # jsonargparse Namespace
+        value = value.as_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def log_hyperparams(trainer: L.Trainer, params: Mapping[str, Any]) -> None:
+    """Send ``params`` (made :func:`plain`) to every logger as hyper-parameters."""
+    params = plain(params)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
+def to_uint8_images(batch: Tensor) -> list[np.ndarray]:
+    """``(B, C, H, W)`` or ``(B, H, W)`` pixels in [0, 1] -> ``H x W x C`` (``H x W`` for one
+    channel) uint8 arrays; ``wandb.Image`` takes arrays and tensors as 0..255 values as they are."""
+    batch = batch.detach().float().cpu().clamp(0, 1)
+    if batch.dim() == 3:
+        batch = batch.unsqueeze(1)
+    pixels = (batch * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [image[..., 0] if image.shape[-1] == 1 else image for image in pixels]
+
+
+def log_files_artifact(
+    logger: WandbLogger, name: str, kind: str, files: Iterable[Path], metadata: Optional[dict[str, Any]] = None
+) -> None:
+    """Log the existing ``files`` as one W&B artifact of type ``kind``, named ``name-<run id>``."""
+    import wandb
+
+    run = logger.experiment
+    artifact = wandb.Artifact(name=f"{name}-{run.id}", type=kind, metadata=plain(metadata or {}))
+    for path in files:
+        if Path(path).is_file():
+            artifact.add_file(str(path), name=Path(path).name)
+    run.log_artifact(artifact)
+
+
+def finish(trainer: Optional[L.Trainer], failed: bool = False) -> None:
+    """Finish the W&B runs this Trainer started (rank 0), so that everything is flushed and a
+    next run in the same process starts a run of its own instead of reusing this one."""
+    if trainer is None or not trainer.is_global_zero:
+        return
+    for logger in wandb_loggers(trainer):
+        if getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish(exit_code=1 if failed else 0)
+
+
+def read_offline_run(run_dir: Path) -> dict[str, Any]:
+    """What an offline W&B run directory (``.../wandb/offline-run-*``) holds, read without W&B's
+    servers: ``config``, ``summary`` (last values), ``history`` (logged rows), ``artifacts``
+    (``name``, ``type``, ``files``, ``metadata``) and ``media`` (paths of the logged images).
+
+    The ``run-<id>.wandb`` file is W&B's record log: a 7-byte header, then LevelDB-log-framed
+    blocks of 32 KiB holding protobuf ``Record`` messages.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    run_dir = Path(run_dir)
+    (path,) = run_dir.glob("run-*.wandb")
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "artifacts": [], "media": []}
+
+    def value(item: Any) -> Any:
+        return json.loads(item.value_json)
+
+    def key(item: Any) -> str:
+        return item.key or ".".join(item.nested_key)
+
+    block, pos, chunk = 32768, 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer: padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        chunk = payload if kind in (1, 2) else chunk + payload  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (2, 3):
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        which = record.WhichOneof("record_type")
+        if which == "config":
+            out["config"].update({key(item): value(item) for item in record.config.update})
+        elif which == "summary":
+            out["summary"].update({key(item): value(item) for item in record.summary.update})
+        elif which == "history":
+            out["history"].append({key(item): value(item) for item in record.history.item})
+        elif which == "artifact":
+            artifact = record.artifact
+            out["artifacts"].append(
+                {
+                    "name": artifact.name,
+                    "type": artifact.type,
+                    "files": sorted(entry.path for entry in artifact.manifest.contents),
+                    "metadata": json.loads(artifact.metadata) if artifact.metadata else {},
+                }
+            )
+    media = run_dir / "files" / "media"
+    out["media"] = sorted(str(p.relative_to(run_dir / "files")) for p in media.rglob("*") if p.is_file())
+    return out
