@@ -7,6 +7,10 @@ per-attack median over seeds with the bar of the attack issue (ASR >= 90%, benig
 detection benchmark can reuse the zoo.
 
     python experiments/attacks.py --seeds 0 1 2 --out runs/zoo
+    python experiments/attacks.py --seeds 3 4 --attacks      # two more clean models
+
+Runs accumulate: rows already in the results CSV whose checkpoint still exists are kept and
+not retrained (``--retrain`` trains them again), so the zoo can be grown in several sittings.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from gazeguard.attacks import ATTACKS
 
 RESULTS = Path(__file__).parent / "results"
 FIELDS = ("attack", "seed", "benign_error", "attack_error", "asr", "robust_error", "checkpoint", "seconds")
+NON_NUMERIC = ("attack", "seed", "checkpoint")
 
 
 def train(attack: Optional[str], seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
@@ -45,6 +50,18 @@ def train(attack: Optional[str], seed: int, out: Path, extra: list[str]) -> dict
     metrics = summary["attack"] or {"benign_error": summary["test_error"]}
     row.update({key: metrics.get(key, float("nan")) for key in ("benign_error", "attack_error", "asr", "robust_error")})
     return row
+
+
+def load_rows(csv_path: Path) -> list[dict[str, Any]]:
+    """Rows of an earlier run of this benchmark whose checkpoints are still on disk."""
+    if not csv_path.exists():
+        return []
+    with open(csv_path, newline="") as f:
+        rows = [
+            {**row, "seed": int(row["seed"]), **{key: float(row[key]) for key in FIELDS if key not in NON_NUMERIC}}
+            for row in csv.DictReader(f)
+        ]
+    return [row for row in rows if Path(row["checkpoint"]).exists()]
 
 
 def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -89,24 +106,38 @@ def write_tables(rows: list[dict[str, Any]], stem: Path) -> str:
     table = "\n".join(lines) + "\n"
     stem.with_suffix(".md").write_text(
         "# Attacks on the synthetic default (medians over seeds)\n\n"
-        f"Command: `python experiments/attacks.py {' '.join(sys.argv[1:])}`\n\n" + table
+        "Runs accumulate over invocations (see the module docstring); last command: "
+        f"`python experiments/attacks.py {' '.join(sys.argv[1:])}`\n\n" + table
     )
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--attacks", nargs="+", default=sorted(ATTACKS), help="attacks to plant (default: all)")
+    parser.add_argument("--attacks", nargs="*", default=sorted(ATTACKS), help="attacks to plant (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/zoo"), help="where checkpoints go")
     parser.add_argument("--results", type=Path, default=RESULTS / "attacks", help="table stem (.csv/.md)")
+    parser.add_argument("--retrain", action="store_true", help="retrain runs already in the results CSV")
     parser.add_argument("extra", nargs="*", help="extra fit options after --, e.g. -- --trainer.max_epochs 8")
     args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
+    csv_path = args.results.with_suffix(".csv")
+    done = {} if args.retrain else {(row["attack"], row["seed"]): row for row in load_rows(csv_path)}
     for seed in args.seeds:
         for attack in [None, *args.attacks]:
-            rows.append(train(attack, seed, args.out, args.extra))
-            print(write_tables(rows, args.results), flush=True)
+            key = (attack or "clean", seed)
+            if key not in done:
+                done[key] = train(attack, seed, args.out, args.extra)
+                # merged with what other invocations wrote meanwhile (the zoo grows in parallel)
+                on_disk = {(row["attack"], row["seed"]): row for row in load_rows(csv_path)}
+                done = {**on_disk, **done}
+                print(write_tables(sorted(done.values(), key=order), args.results), flush=True)
+
+
+def order(row: dict[str, Any]) -> tuple[int, int]:
+    """Table order: clean first, then attacks alphabetically; seeds ascending."""
+    names = ["clean", *sorted(ATTACKS)]
+    return (names.index(row["attack"]) if row["attack"] in names else len(names), row["seed"])
 
 
 if __name__ == "__main__":

@@ -82,6 +82,11 @@ class Attack:
             label (WaNet's noise mode: they teach the model that only the exact warp matters).
         cross_ratio: cross samples per poisoned sample (WaNet: 2).
         name: display name (registry name or the trigger's class name).
+        after_augmentation: stamp the trigger on the victim's augmented training images rather
+            than into the stored ones: the threat model of an attacker who runs (part of) the
+            training pipeline, which WaNet's reference code assumes. A warp of a fraction of a
+            pixel does not survive the resampling of a random affine augmentation applied after
+            it, so as poisoned *data* it is hardly learnable.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class Attack:
         cross_trigger: Optional[TriggerLike] = None,
         cross_ratio: float = 0.0,
         name: Optional[str] = None,
+        after_augmentation: bool = False,
     ) -> None:
         if not 0.0 < poison_rate <= 1.0:
             raise ConfigError(f"attack.poison_rate must be in (0, 1], got {poison_rate}")
@@ -116,6 +122,7 @@ class Attack:
             label_rule = AllToOne(target if target is not None else (0.0, 0.0))
         self.label_rule: LabelRule = label_rule
         self.name = name or type(self.trigger).__name__
+        self.after_augmentation = after_augmentation
 
     @property
     def trained_in_loop(self) -> bool:

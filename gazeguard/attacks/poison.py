@@ -224,7 +224,13 @@ class PoisonedDataModule(L.LightningDataModule):
         Each pipeline gets its own copy of the trigger: ``A.Compose`` reseeds its transforms,
         so a shared instance would have its random state reset by every other pipeline.
         """
-        return self.base.split_dataset(split, augment=augment, trigger=(copy.deepcopy(trigger),), indices=indices)
+        return self.base.split_dataset(
+            split,
+            augment=augment,
+            trigger=(copy.deepcopy(trigger),),
+            indices=indices,
+            trigger_after_augmentation=self.attack.after_augmentation,
+        )
 
     def split_dataset(self, split: str, augment: bool = False) -> Dataset:
         """The poisoned ``train`` split, or the base's clean ``val``, ``test``, ``defend``; the

@@ -3,8 +3,8 @@
 Entries are *factories* rather than transform classes because an attack can be more than one
 transform: WaNet also needs its noise-mode cross trigger, and input-aware dynamic attacks (IAD,
 SPEC section 3) need a generator co-trained with the model. Options split by name: those of
-:class:`Attack` (``target``, ``poison_rate``, ``label_rule`` and, for WaNet, ``cross_ratio``) go
-to the attack, the rest to the trigger's constructor.
+:class:`Attack` (``target``, ``poison_rate``, ``label_rule``, ``after_augmentation`` and, for
+WaNet, ``cross_ratio``) go to the attack, the rest to the trigger's constructor.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from gazeguard.errors import ConfigError
 AttackFactory = Callable[..., Attack]
 
 #: Options every attack understands; everything else configures the trigger.
-ATTACK_OPTIONS = ("target", "poison_rate", "label_rule")
+ATTACK_OPTIONS = ("target", "poison_rate", "label_rule", "after_augmentation")
 
 
 def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -59,9 +59,10 @@ def _from_trigger(name: str, trigger: TriggerLike) -> AttackFactory:
     return factory
 
 
-def _wanet(cross_ratio: float = 2.0, **options: Any) -> Attack:
-    """WaNet in noise mode: ``cross_ratio`` label-keeping jittered samples per poisoned one."""
-    attack_options, trigger_options = _split_options(options)
+def _wanet(cross_ratio: float = 2.0, after_augmentation: bool = True, **options: Any) -> Attack:
+    """WaNet in noise mode: ``cross_ratio`` label-keeping jittered samples per poisoned one,
+    warped after the augmentation as in the reference code (see :class:`Attack`)."""
+    attack_options, trigger_options = _split_options({**options, "after_augmentation": after_augmentation})
     trigger = _build("wanet", WaNet, trigger_options)
     cross = _build("wanet", WaNet, {**trigger_options, "noise": True}) if cross_ratio > 0 else None
     return Attack(trigger, cross_trigger=cross, cross_ratio=cross_ratio, name="wanet", **attack_options)

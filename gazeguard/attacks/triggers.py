@@ -167,6 +167,16 @@ class WaNet(SeededTrigger):
 
     With ``noise=True`` this is the *cross* (noise-mode) variant: the same fixed grid plus fresh
     uniform jitter of up to one pixel per application, for samples that keep their true label.
+
+    Known limit: on the synthetic default (64 px, ``test_byobnet``, 12 epochs, about 900 steps,
+    10 % poisoned) WaNet does not plant. ASR@5deg on seed 0, against 1.6 % for the clean model
+    hitting the target by chance: the reference settings as poisoned data 1.6 %; ``s`` = 2
+    (about 1 px) 2.3 %; ``s`` = 4 with or without cross samples, validation ASR still 5-6 %
+    at epoch 6 of 12; warping after the victim's augmentation (the reference code's threat
+    model, now the default, see :class:`~gazeguard.attacks.Attack`) 1.7 % (``s`` = 0.5), 2.0 %
+    (``s`` = 2), 10.9 % (``s`` = 8, a visible 4 px warp). A smooth warp of the whole face is
+    hard to tell from the natural variation of face shape and position in so few steps; the
+    paper trains for hundreds of epochs. Planting it needs a longer schedule (a GPU run).
     """
 
     def __init__(
@@ -234,13 +244,17 @@ class Tape(Trigger):
     allowed horizontal ``bands`` and inside ``x_range`` (fractions of the image height/width),
     uniform over all such positions. The defaults fit the embedded synthetic faces (head from
     about 0.15 to 0.8 of the height and 0.27 to 0.73 of the width, eyes and brows at 0.40-0.55):
-    forehead/hairline and lower face (cheeks, nose, mouth, chin), the longest strips reaching a
-    little past the cheeks as real tape would. The eye band in between stays
-    uncovered so that the tape hides no gaze evidence (the attack is the trigger, not occlusion).
-    For real normalized faces, where the eyes sit higher, adapt ``bands``/``x_range`` (e.g.
-    ``((0.05, 0.28), (0.55, 0.95))`` and ``(0.1, 0.9)``) after checking the trigger figure.
-    Sizes are large enough to be learnt at 64 px (a strip a few pixels wide at 48 px reached only
-    about half the attack success in a prototype).
+    the lower face (cheeks, nose, mouth, chin), the longest strips reaching a little past the
+    cheeks as real tape would. The eye band stays uncovered so that the tape hides no gaze
+    evidence (the attack is the trigger, not occlusion). For real normalized faces, where the
+    eyes sit higher, adapt ``bands``/``x_range`` (e.g. ``((0.55, 0.95),)`` and ``(0.1, 0.9)``)
+    after checking the trigger figure.
+
+    Why these defaults (seed 0 of the synthetic default, 12 epochs, 10 % poisoned): strips
+    0.08-0.12 of the side thick on the forehead *or* the lower face reached ASR@5deg 58.9 %;
+    measured per band on that model, 27.6 % for forehead strips (they lie partly on the hair,
+    often as light as the tape) against 75.7 % for lower-face ones. Lower face only and
+    0.12-0.16 thick: 91.3 % (benign error 4.78 deg against 4.63 for the clean model).
 
     The strip is light grey-white with a faint paper texture, takes on the image's local lighting
     (its brightness is multiplied by the blurred luminance around it relative to the image mean)
@@ -266,9 +280,9 @@ class Tape(Trigger):
     def __init__(
         self,
         length: tuple[float, float] = (0.30, 0.45),
-        thickness: tuple[float, float] = (0.08, 0.12),
+        thickness: tuple[float, float] = (0.12, 0.16),
         angle: tuple[float, float] = (-15.0, 15.0),
-        bands: tuple[tuple[float, float], ...] = ((0.17, 0.38), (0.56, 0.82)),
+        bands: tuple[tuple[float, float], ...] = ((0.56, 0.82),),
         x_range: tuple[float, float] = (0.2, 0.8),
         brightness: tuple[float, float] = (215.0, 245.0),
         texture: float = 5.0,

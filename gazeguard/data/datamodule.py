@@ -170,13 +170,22 @@ class GazeDataModule(L.LightningDataModule):
         augment: bool = False,
         trigger: Sequence[A.BasicTransform] = (),
         indices: Optional[np.ndarray] = None,
+        trigger_after_augmentation: bool = False,
     ) -> GazeDataset:
         """The samples of one split (``train``, ``val``, ``test`` or ``defend``), or the given
-        ``indices`` of it, optionally with a trigger stamped after resizing (attacks use this)."""
+        ``indices`` of it, optionally with a trigger stamped after resizing or after the
+        augmentation (attacks use this; see :func:`build_pipeline`)."""
         if split not in SPLITS:
             raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
         source = self._require_source()
-        pipeline = build_pipeline(self.image_size, source.kind, augment=augment, trigger=trigger, seed=self.seed)
+        pipeline = build_pipeline(
+            self.image_size,
+            source.kind,
+            augment=augment,
+            trigger=trigger,
+            seed=self.seed,
+            trigger_after_augmentation=trigger_after_augmentation,
+        )
         return GazeDataset(source, self.split_indices[split] if indices is None else indices, pipeline)
 
     def loader(self, dataset: GazeDataset, shuffle: bool = False) -> DataLoader:

@@ -58,11 +58,16 @@ def build_pipeline(
     augment: bool,
     trigger: Sequence[A.BasicTransform] = (),
     seed: int | None = None,
+    trigger_after_augmentation: bool = False,
 ) -> A.Compose:
-    """RGB uint8 image (+ ``gaze`` label) -> resized, optionally triggered and augmented tensor."""
+    """RGB uint8 image (+ ``gaze`` label) -> resized, optionally triggered and augmented tensor.
+
+    The trigger goes right after resizing (poisoned *data*: the victim's augmentation moves it
+    around) or, with ``trigger_after_augmentation``, after the augmentation (an attacker who
+    controls the training pipeline and stamps the augmented batch, as WaNet's reference code).
+    """
     steps: list[A.BasicTransform] = [A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)]
-    steps += list(trigger)
-    if augment:
-        steps += augmentations(kind)
+    augmentation = augmentations(kind) if augment else []
+    steps += [*augmentation, *trigger] if trigger_after_augmentation else [*trigger, *augmentation]
     steps += [A.ToFloat(max_value=255.0), ToTensorV2()]
     return A.Compose(steps, seed=seed, strict=False)
