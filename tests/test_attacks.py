@@ -228,6 +228,30 @@ def test_poisoning_draws_a_fixed_share_of_training_samples(h5: Path):
     assert not set(wanet.cross_indices) & set(wanet.poisoned_indices)
 
 
+def test_trigger_after_augmentation_stays_where_the_test_trigger_is(h5: Path):
+    """Stamped after the augmentation (WaNet's default), a poisoned training image differs from
+    its augmented clean twin exactly by the trigger at its fixed place; stamped before, the
+    flips and shifts of the augmentation move it around."""
+    corner = (slice(-6, None), slice(-6, None))  # BadNets' bottom-right patch at 32 px (plus margin)
+
+    def patch_moves(after: bool) -> bool:
+        data = PoisonedDataModule(
+            datamodule(h5, augment=True), create("badnets", poison_rate=1.0, after_augmentation=after)
+        )
+        data.setup()
+        poisoned = data.split_dataset("train", augment=True)
+        for item in range(len(poisoned)):
+            image = poisoned[item]["image"].permute(1, 2, 0).numpy()
+            checker = np.abs(np.diff(image[corner], axis=0)).mean() > 0.2  # 1-px black/white cells
+            if not checker:
+                return True
+        return False
+
+    assert not patch_moves(after=True)
+    assert patch_moves(after=False)
+    assert create("wanet").after_augmentation and not create("badnets").after_augmentation
+
+
 def test_poisoned_samples_are_triggered_and_relabelled_the_rest_unchanged(h5: Path):
     base = datamodule(h5, augment=False)
     data = PoisonedDataModule(base, create("badnets", poison_rate=0.25, target=(0.05, -0.1)))
