@@ -51,7 +51,7 @@ from gazeguard.checkpoints import (
 from gazeguard.cli_options import AttackOptions, expand_shorthands
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.defenses import RepairConfig, SecureGazeConfig
-from gazeguard.errors import ConfigError, GazeguardError
+from gazeguard.errors import ConfigError, run_command
 from gazeguard.fit import DATA_DEFAULTS, format_defense
 from gazeguard.model import GazeRegressor
 
@@ -364,12 +364,7 @@ def format_audit(report: dict[str, Any]) -> str:
 
 
 def main(args: Optional[list[str]] = None) -> int:
-    try:
-        run(args)
-    except GazeguardError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ The CLIs catch :class:`GazeguardError` and print its message on one line, so eve
 names the file or option and what is wrong with it.
 """
 
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
 
 class GazeguardError(Exception):
     """Base class for user-facing errors (bad input, bad configuration)."""
@@ -15,3 +20,14 @@ class DataFormatError(GazeguardError, ValueError):
 
 class ConfigError(GazeguardError, ValueError):
     """An option has a value that cannot work (unknown name, out of range, empty split)."""
+
+
+def run_command(run: Callable[[], object]) -> int:
+    """A command's exit status: 0, or 2 after printing a :class:`GazeguardError` as one
+    ``error: ...`` line on stderr (the shared ``main`` of the gazeguard CLIs)."""
+    try:
+        run()
+    except GazeguardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

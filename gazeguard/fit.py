@@ -29,7 +29,7 @@ from gazeguard.attacks import BackdoorMetricsLogger, IADGazeRegressor, PoisonedD
 from gazeguard.attacks.metrics import default_tau
 from gazeguard.cli_options import LOGGERS, AttackOptions, DefenseOptions, expand_shorthands
 from gazeguard.data.datamodule import GazeDataModule
-from gazeguard.errors import ConfigError, GazeguardError
+from gazeguard.errors import ConfigError, run_command
 from gazeguard.evaluate import error_by_group, mean_error, predict
 from gazeguard.gaze import UNITS
 from gazeguard.model import GazeRegressor
@@ -261,12 +261,7 @@ def _fit(cli: GazeCLI, start: float) -> dict[str, Any]:
 
 
 def main(args: Optional[list[str]] = None) -> int:
-    try:
-        run(args)
-    except GazeguardError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

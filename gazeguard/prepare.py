@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from gazeguard.data.gazecapture import DEVICES, prepare_gazecapture
 from gazeguard.data.mpiifacegaze_raw import prepare_mpiifacegaze
 from gazeguard.data.normalization import NormalizationSetting
-from gazeguard.errors import GazeguardError
+from gazeguard.errors import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,13 +77,7 @@ def run(argv: Optional[Sequence[str]] = None) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        lines = run(argv)
-    except GazeguardError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
-    return 0
+    return run_command(lambda: print("\n".join(run(argv))))
 
 
 if __name__ == "__main__":

@@ -48,15 +48,19 @@ SGD, momentum 0.9, lr 3e-3 / 1e-2      +2.52 / 1.7 %, +3.48 / 3.0 %
 40 % protected during repair           +1.13 / 2.4 % / 1.35
 60 % protected during repair                                  +2.54 / 6.1 % / 1.07
 only H (the linear head), Adam 3e-3    +0.79 / 12.0 % / 3.72
+feature distillation, weight 1 / 10    +2.63 / 2.1 % / 1.12,
+                                       +2.42 / 2.7 % / 1.07
 =====================================  =====================  =====================  ================
 
 Fine-tuning on the 240 clean images alone already costs about +0.4 deg; teaching invariance
 to M(x), which is adversarial by construction, costs the rest (shorter schedules are worse:
 the fine-tune first disturbs the model, then partly recovers). Re-tuning the head alone cannot
 restore the gaze under the trigger (robust error stays at the backdoored 19 deg): the
-backdoor overwrote the features, not only their read-out. Closing the gap likely needs more
-clean data for the defender or a repair that keeps benign features explicitly (e.g.
-distillation from the original model on augmented clean images); not done yet.
+backdoor overwrote the features, not only their read-out. Pulling the repaired features on x
+and M(x) to the original features on x (squared error per dimension over its variance)
+did not help either: 240 images do not pin down 200 k weights, whatever the loss on them.
+Closing the gap likely needs more clean data for the defender, or augmentation of it during
+repair; not done yet.
 """
 
 from __future__ import annotations
