@@ -83,6 +83,7 @@ def test_callback_logs_images_summary_and_report_artifact_to_wandb_and_metrics_t
 
     (run_dir,) = (tmp / "runs" / "wandb").glob(f"offline-run-*-{run_id}")
     run = read_offline_run(run_dir)
+    assert run["exit_code"] == 0  # finish() returned with the whole record log on disk
     assert run["summary"]["securegaze/verdict"] == "backdoored"
     assert run["summary"]["securegaze/inferred_target"] == [0.01, -0.02]
     assert run["summary"]["securegaze/statistic"] == 0.2 and run["summary"]["securegaze/after/asr"] == 0.05
@@ -98,6 +99,15 @@ def test_callback_logs_images_summary_and_report_artifact_to_wandb_and_metrics_t
     # the CSV logger got the same metrics and no pictures
     rows = (Path(csv_logger.log_dir) / "metrics.csv").read_text()
     assert "securegaze/statistic" in rows and "securegaze/backdoored" in rows
+    # a log W&B has not written out whole: header only -> no exit record; cut in a record -> refused
+    (log,) = run_dir.glob("run-*.wandb")
+    cut = tmp / "cut" / run_dir.name
+    cut.mkdir(parents=True)
+    (cut / log.name).write_bytes(log.read_bytes()[:7])  # what is on disk before W&B closes the log
+    assert read_offline_run(cut)["exit_code"] is None and read_offline_run(cut)["summary"] == {}
+    (cut / log.name).write_bytes(log.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="middle of a record"):
+        read_offline_run(cut)
 
 
 def test_callback_without_wandb_never_starts_wandb(tmp_path: Path):
