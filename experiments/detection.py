@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -257,7 +258,7 @@ def main() -> None:
         r for r in load_rows(args.zoo)
         if (not args.attacks or r["attack"] in args.attacks) and (not args.seeds or r["seed"] in args.seeds)
     ]
-    command = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, []))
+    command = " ".join(sys.argv[1:])
     for row in zoo:
         key = (row["attack"], row["seed"])
         if key in done and (not args.repair or not done[key]["backdoored"] or done[key].get("asr_after")):
