@@ -142,7 +142,7 @@ def picture(rows: list[dict[str, Any]], threshold: float, path: Path) -> None:
     for (label, group), colour in zip(groups.items(), ("tab:green", "tab:red", "tab:grey")):
         if group:
             hist.hist([float(r["statistic"]) for r in group], bins=bins, alpha=0.6, label=label, color=colour)
-    hist.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:g}")
+    hist.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3f}")
     hist.set_xlabel("dispersion ratio (lower = outputs collapse)")
     hist.set_ylabel("models")
     hist.legend(fontsize=8)
@@ -211,7 +211,7 @@ def write_tables(
                      f"{'yes' if r['flagged'] else 'no'} | {r['target']} | {_fmt(r['detect_seconds'], '.0f')} |")
     repaired = [r for r in rows if r.get("asr_after") not in (None, "")]
     if repaired:
-        lines += ["", "## Repair of flagged backdoored models", "",
+        lines += ["", "## Repair of the backdoored models", "",
                   "Every backdoored model, flagged or not. Bars: ASR@5deg <= 5 %, robust error <= 1.5x benign "
                   "error, benign error rising by <= 0.5 deg.", "",
                   "| attack | seed | benign before -> after | ASR before -> after | robust before -> after | "

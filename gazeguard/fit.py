@@ -177,6 +177,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     unit = UNITS[summary["kind"]]
     name = "angular" if summary["kind"] == "angle" else "point"
     lines = ["", "== gazeguard fit summary =="]
+    if (summary["defense"] or {}).get("repaired"):
+        lines.append("  (errors of the model as SecureGaze repaired it; the checkpoint below is the trained one)")
     lines += [f"  {subject}: {error:.2f} {unit}" for subject, error in summary["per_subject"].items()]
     lines += [
         f"test {name} error: {summary['test_error']:.2f} {unit}",

@@ -90,11 +90,18 @@ Cost: one detection with 300 steps of 32 images at 64 px took 44 s of CPU time
 on one thread (66 s wall on a shared 2-core machine); about two thirds of it is M. Detection
 is deterministic for a given ``seed``.
 
-Threshold: 0.33, the geometric middle of the worst clean (0.454) and the worst backdoored
-(0.234) model of the calibration runs, i.e. a 1.4x margin on either side (clean_9 later came
-in at 0.444, 1.35x). Calibrate it again
-(on more clean seeds) when models or data change: clean models trained better or longer may
-collapse further.
+Threshold: 0.255, fixed by ``experiments/detection.py`` on seed 0 of the attack benchmark's zoo
+only: the geometric middle of the clean model (0.388) and the highest planted backdoor
+(BadNets, 0.168) of that seed. (The development value was 0.33, from the runs above.) On the
+fresh seeds it passed all four clean models (0.354-0.488, the lowest 1.39x above it) and
+flagged every planted BadNets, Blended and SIG backdoor (0.103-0.226), but missed tape seed 2
+(ASR 93.5 %, statistic 0.366): results in ``experiments/results/detection.md``. Likely cause:
+a strip of tape covers 4-7 % of the face with a change of about half the pixel range, so
+drawing it whole costs M a mean |M(x) - x| of 0.02-0.04, at or over the 0.02 budget; a
+half-drawn strip triggers that model only partly. A larger budget must then be re-checked on
+clean models (``experiments/sweeps/securegaze_hparams.yaml`` sweeps it). Calibrate the threshold
+again (on more clean seeds) when models or data change: clean models trained better or longer
+may collapse further.
 """
 
 from __future__ import annotations
@@ -175,7 +182,7 @@ class SecureGazeConfig:
     protect_dilate: int = 3
     holdout_fraction: float = 0.3
     min_clean: int = 32
-    threshold: float = 0.33
+    threshold: float = 0.255
     tau: float = 5.0
     kind: Optional[TargetKind] = None
     split_at: Optional[str] = None
