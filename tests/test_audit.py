@@ -24,6 +24,7 @@ from gazeguard.checkpoints import (
     save_weights,
     to_checkpoint_layout,
 )
+from gazeguard.defenses import SecureGazeConfig
 from gazeguard.errors import DataFormatError
 from gazeguard.model import GazeRegressor
 
@@ -201,7 +202,8 @@ def test_audit_of_a_lightning_checkpoint_prints_the_verdict_and_writes_the_repor
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] in ("verdict: backdoored", "verdict: clean")
     assert any(line.startswith("ASR@5deg ") for line in lines)
-    assert any(line.startswith("statistic (dispersion ratio): ") and "threshold: 0.330" in line for line in lines)
+    assert any(line.startswith("statistic (dispersion ratio): ") and f"threshold: {SecureGazeConfig().threshold:.3f}" in line
+               for line in lines)
     assert any("backbone test_byobnet (from the checkpoint's hyper_parameters)" in line for line in lines)
     folder = tmp_path / "theirs_audit"  # default: next to the checkpoint
     assert sorted(p.name for p in folder.iterdir()) == [
