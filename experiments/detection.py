@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from attacks import RESULTS, load_rows  # noqa: E402  (experiments/attacks.py)
 from torchmetrics.functional.classification import binary_auroc, binary_roc  # noqa: E402
 
-from gazeguard.attacks import IADGazeRegressor, PoisonedDataModule, create, evaluate_attack  # noqa: E402
+from gazeguard.attacks import Attack, IADGazeRegressor, PoisonedDataModule, create, evaluate_attack  # noqa: E402
 from gazeguard.data import GazeDataModule  # noqa: E402
 from gazeguard.defenses import RepairConfig, SecureGazeConfig, detect, repair  # noqa: E402
 from gazeguard.fit import DATA_DEFAULTS  # noqa: E402
@@ -53,14 +53,17 @@ FIELDS = (
 )
 
 
-def load_model(row: dict[str, Any]) -> torch.nn.Module:
-    """The zoo model of ``row`` (for IAD, the wrapper that holds the trained trigger too)."""
+def load_model(row: dict[str, Any]) -> tuple[torch.nn.Module, Optional[Attack]]:
+    """The zoo model of ``row`` and the attack it was trained with (``None`` for clean models).
+    For IAD the attack's trigger is the generator co-trained with that model."""
     if row["attack"] == "iad":
         checkpoint = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)
-        module = IADGazeRegressor(GazeRegressor(), create("iad", **checkpoint["hyper_parameters"]))
+        attack = create("iad", **checkpoint["hyper_parameters"])
+        module = IADGazeRegressor(GazeRegressor(), attack)  # shares attack.trigger's generator
         module.load_state_dict(checkpoint["state_dict"])
-        return module.eval()
-    return GazeRegressor.load_from_checkpoint(row["checkpoint"], map_location="cpu").eval()
+        return module.victim.eval(), attack
+    model = GazeRegressor.load_from_checkpoint(row["checkpoint"], map_location="cpu").eval()
+    return model, None if row["attack"] == "clean" else create(row["attack"])
 
 
 def datamodule(seed: int) -> GazeDataModule:
@@ -73,10 +76,9 @@ def datamodule(seed: int) -> GazeDataModule:
 
 def judge(row: dict[str, Any], config: SecureGazeConfig, repair_config: Optional[RepairConfig]) -> dict[str, Any]:
     """Detect (and maybe repair) one zoo model."""
-    model = load_model(row)
+    model, attack = load_model(row)
     data = datamodule(row["seed"])
-    victim = model.victim if isinstance(model, IADGazeRegressor) else model
-    result = detect(victim, data.defender_dataloader(), config)
+    result = detect(model, data.defender_dataloader(), config)
     backdoored = row["attack"] != "clean" and row["asr"] >= PLANTED
     out = {
         "attack": row["attack"], "seed": row["seed"], "asr": row["asr"], "backdoored": backdoored,
@@ -85,22 +87,12 @@ def judge(row: dict[str, Any], config: SecureGazeConfig, repair_config: Optional
         "detect_seconds": result.seconds["total"],
         "benign_before": row["benign_error"], "robust_before": row["robust_error"],
     }
-    if repair_config is not None and backdoored:
-        fixed = repair(victim, data.defender_dataloader(), result, repair_config)
-        attack = model_attack(model, row["attack"])
+    if repair_config is not None and backdoored and attack is not None:
+        fixed = repair(model, data.defender_dataloader(), result, repair_config)
         after = evaluate_attack(fixed.model, PoisonedDataModule(data, attack))
         out.update(benign_after=after["benign_error"], asr_after=after["asr"], robust_after=after["robust_error"],
                    repair_seconds=fixed.seconds)
     return out
-
-
-def model_attack(model: torch.nn.Module, name: str):
-    """The attack a zoo model was trained with (IAD: its own trained generator)."""
-    if isinstance(model, IADGazeRegressor):
-        attack = create("iad", **{k: v for k, v in model.hparams.items() if k != "poison_rate"})
-        attack.trigger.generator.load_state_dict(model.generator.state_dict())
-        return attack
-    return create(name)
 
 
 def calibrate(rows: list[dict[str, Any]]) -> Optional[float]:
