@@ -41,7 +41,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc  # n
 
 from gazeguard.attacks import Attack, IADGazeRegressor, PoisonedDataModule, create, evaluate_attack  # noqa: E402
 from gazeguard.data import GazeDataModule  # noqa: E402
-from gazeguard.defenses import RepairConfig, SecureGazeConfig, detect, repair  # noqa: E402
+from gazeguard.defenses import RepairConfig, SecureGazeConfig, detect, load_clean_set, repair  # noqa: E402
 from gazeguard.fit import DATA_DEFAULTS  # noqa: E402
 from gazeguard.model import GazeRegressor  # noqa: E402
 
@@ -78,7 +78,8 @@ def judge(row: dict[str, Any], config: SecureGazeConfig, repair_config: Optional
     """Detect (and maybe repair) one zoo model."""
     model, attack = load_model(row)
     data = datamodule(row["seed"])
-    result = detect(model, data.defender_dataloader(), config)
+    clean = load_clean_set(data.defender_dataloader())  # decoded once for detection and repair
+    result = detect(model, clean, config)
     backdoored = row["attack"] != "clean" and row["asr"] >= PLANTED
     out = {
         "attack": row["attack"], "seed": row["seed"], "asr": row["asr"], "backdoored": backdoored,
@@ -88,7 +89,7 @@ def judge(row: dict[str, Any], config: SecureGazeConfig, repair_config: Optional
         "benign_before": row["benign_error"], "robust_before": row["robust_error"],
     }
     if repair_config is not None and backdoored and attack is not None:
-        fixed = repair(model, data.defender_dataloader(), result, repair_config)
+        fixed = repair(model, clean, result, repair_config)
         after = evaluate_attack(fixed.model, PoisonedDataModule(data, attack))
         out.update(benign_after=after["benign_error"], asr_after=after["asr"], robust_after=after["robust_error"],
                    repair_seconds=fixed.seconds)
