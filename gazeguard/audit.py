@@ -53,6 +53,7 @@ from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.defenses import RepairConfig, SecureGazeConfig
 from gazeguard.errors import ConfigError, run_command
 from gazeguard.fit import DATA_DEFAULTS, format_defense
+from gazeguard.gaze import UNITS
 from gazeguard.model import GazeRegressor
 
 __all__ = ["audit", "build_parser", "format_audit", "main", "run"]
@@ -300,7 +301,8 @@ class _Staging:
     """A temporary folder beside ``folder`` whose files move into ``folder`` on :meth:`commit`.
 
     Nothing appears in ``folder`` (nor the folder itself) before the commit; :meth:`cleanup`
-    removes the temporary folder whatever happened, and a failed commit takes back what it moved.
+    removes the temporary folder whatever happened, and a failed commit takes back what it moved
+    and re-raises (the audit turns the ``OSError`` into its one-line error).
     """
 
     def __init__(self, folder: Path) -> None:
@@ -321,7 +323,7 @@ class _Staging:
             for name in names:
                 os.replace(self.dir / name, self.folder / name)
                 moved.append(self.folder / name)
-        except OSError as err:
+        except OSError:
             for target in moved:
                 target.unlink(missing_ok=True)
             for folder in created:  # innermost first
@@ -329,7 +331,7 @@ class _Staging:
                     folder.rmdir()
                 except OSError:
                     pass
-            raise ConfigError(f"--out {self.folder}: cannot write the results ({err.strerror or err})") from err
+            raise
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -339,14 +341,15 @@ class _Staging:
 def format_audit(report: dict[str, Any]) -> str:
     """What was audited and how, the evidence, then SecureGaze's table; the verdict line last."""
     info = report["audit"]
-    unit = "deg" if report["kind"] == "angle" else "cm"
+    unit = UNITS[report["kind"]]
     lines = [
         "== gazeguard audit ==",
         f"checkpoint: {info['checkpoint']} ({info['format']}, {info['tensors']} tensors, sha256 {info['sha256'][:16]})",
         f"model: GazeRegressor, backbone {info['backbone']} ({info['backbone_from']}), kind {info['kind']}",
     ]
-    if info["key_prefix"] or info["ignored_keys"]:
-        lines.append(f"keys: {KeyMap(info['key_prefix'], info['ignored_keys']).describe()}")
+    keys = KeyMap(info["key_prefix"], info["ignored_keys"]).describe()
+    if keys:
+        lines.append(f"keys: {keys}")
     data = info["data"]
     lines.append(f"clean images: {data['clean_images']} (defender split of {data['dataset']}"
                  f"{', ' + data['root'] if data['root'] else ''}, {data['image_size']} px)")

@@ -47,8 +47,6 @@ __all__ = [
     "KeyMap",
     "UnsafeCheckpointError",
     "load_into",
-    "load_state_dict",
-    "match_keys",
     "read_checkpoint",
     "repaired_path",
     "save_weights",
@@ -64,7 +62,8 @@ CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 METADATA_KEY = "gazeguard.hyper_parameters"
 #: Hyper-parameters needed to rebuild a GazeRegressor, with their allowed values (None = any str).
 MODEL_HPARAMS: dict[str, Optional[tuple[str, ...]]] = {"backbone": None, "kind": ("angle", "point")}
-SUFFIXES = {"lightning": ".ckpt", "torch": ".pt", "safetensors": ".safetensors"}
+#: File suffixes of each format; the first is the one written when the input's is none of them.
+SUFFIXES = {"lightning": (".ckpt",), "torch": (".pt", ".pth", ".bin"), "safetensors": (".safetensors",)}
 SHOWN = 5  # names listed per kind of mismatch before "+N more"
 
 
@@ -107,11 +106,6 @@ class Checkpoint:
 
 
 # -- reading ----------------------------------------------------------------------------------
-def load_state_dict(path: PathLike) -> dict[str, Tensor]:
-    """The tensors of a Lightning checkpoint, plain PyTorch state dict or safetensors file."""
-    return read_checkpoint(path).state_dict
-
-
 def read_checkpoint(path: PathLike) -> Checkpoint:
     """Read ``path`` without executing code from it (see the module docstring).
 
@@ -330,7 +324,7 @@ class KeyMap:
         return "; ".join(parts)
 
 
-def match_keys(state: Mapping[str, Tensor], model_keys: set[str]) -> KeyMap:
+def _match_keys(state: Mapping[str, Tensor], model_keys: set[str]) -> KeyMap:
     """The prefix whose removal makes most of ``state``'s keys model keys (``""`` on a tie)."""
     if not model_keys:
         return KeyMap()
@@ -361,7 +355,7 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], path: PathLike, wha
         CheckpointMismatchError: missing or unexpected keys, or shape mismatches, listed.
     """
     expected = model.state_dict()
-    key_map = match_keys(state, set(expected))
+    key_map = _match_keys(state, set(expected))
     n = len(key_map.prefix)
     mapped = {k[n:]: v for k, v in state.items() if k.startswith(key_map.prefix)}
     missing = [k for k in expected if k not in mapped]
@@ -409,9 +403,8 @@ def to_checkpoint_layout(
 def repaired_path(checkpoint: Checkpoint, folder: PathLike) -> Path:
     """``folder/<stem>.repaired<suffix>``, the suffix matching the input (by format if unknown)."""
     suffix = checkpoint.path.suffix.lower()
-    known = {"lightning": (".ckpt",), "torch": (".pt", ".pth", ".bin"), "safetensors": (".safetensors",)}
-    if suffix not in known[checkpoint.format]:
-        suffix = SUFFIXES[checkpoint.format]
+    if suffix not in SUFFIXES[checkpoint.format]:
+        suffix = SUFFIXES[checkpoint.format][0]
     return Path(folder) / f"{checkpoint.path.stem}.repaired{suffix}"
 
 
@@ -470,9 +463,9 @@ def save_weights(
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _listing(names: list[str], shown: int = SHOWN) -> str:
-    head = ", ".join(names[:shown])
-    return head + (f", ... (+{len(names) - shown} more)" if len(names) > shown else "")
+def _listing(names: list[str]) -> str:
+    head = ", ".join(names[:SHOWN])
+    return head + (f", ... (+{len(names) - SHOWN} more)" if len(names) > SHOWN else "")
 
 
 def _first_line(err: BaseException) -> str:

@@ -19,7 +19,6 @@ from gazeguard.checkpoints import (
     CheckpointMismatchError,
     UnsafeCheckpointError,
     load_into,
-    load_state_dict,
     read_checkpoint,
     save_weights,
     to_checkpoint_layout,
@@ -111,7 +110,7 @@ def test_safetensors_pt_and_ckpt_round_trip(tmp_path: Path):
     assert same_weights(to_checkpoint_layout(reference, key_map, wrapper), wrapper)
     ckpt = read_checkpoint(tmp_path / "m.ckpt")
     assert ckpt.format == "lightning" and ckpt.model_hyper_parameters() == {"backbone": "test_byobnet", "kind": "angle"}
-    assert same_weights(load_state_dict(tmp_path / "plain.pt"), reference)
+    assert same_weights(read_checkpoint(tmp_path / "plain.pt").state_dict, reference)
 
     # what the audit writes reads back, with the model's hyper-parameters, and loads in Lightning
     save_weights(reference, tmp_path / "out.safetensors", "safetensors", {"backbone": "test_byobnet", "kind": "angle"})
@@ -131,7 +130,7 @@ def test_mismatched_keys_and_shapes_are_listed(tmp_path: Path):
     torch.save(state, tmp_path / "bad.pt")
 
     with pytest.raises(CheckpointMismatchError) as err:
-        load_into(tiny_model(), load_state_dict(tmp_path / "bad.pt"), tmp_path / "bad.pt")
+        load_into(tiny_model(), read_checkpoint(tmp_path / "bad.pt").state_dict, tmp_path / "bad.pt")
     message = str(err.value)
     assert str(tmp_path / "bad.pt") in message
     listed = message.split("7 missing keys: ")[1].split(", ...")[0].split(", ")
