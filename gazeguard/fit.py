@@ -99,7 +99,7 @@ class SaveConfig(SaveConfigCallback):
             folder = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / str(logger.version)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / self.config_filename
-            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile)
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
 
 
 class _Formatter(DefaultHelpFormatter):

@@ -12,29 +12,38 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from torch import Tensor  # noqa: E402
+
 from gazeguard.defenses import DetectionResult  # noqa: E402
+from gazeguard.loggers import to_uint8_images  # noqa: E402
 
 JSON_NAME = "securegaze_report.json"
 MARKDOWN_NAME = "securegaze_report.md"
 PICTURE_NAME = "securegaze_examples.png"
 
 
+def example_pictures(examples: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Held-out x, M(x), |M(x) - x| (x10, to be visible) and the protected pixels, as
+    ``(B, C, H, W)`` batches in [0, 1], keyed as they are logged (``securegaze/<key>``)."""
+    pictures = {"x": examples["x"], "Mx": examples["mx"], "diff_x10": (examples["diff"] * 10).clamp(0, 1)}
+    if "protect" in examples:
+        pictures["protected"] = examples["protect"].float()
+    return pictures
+
+
+TITLES = {"x": "x", "Mx": "M(x)", "diff_x10": "|M(x)-x| x10", "protected": "protected"}
+
+
 def save_examples_picture(result: DetectionResult, path: Path) -> None:
     """Rows: clean x, reverse-engineered M(x), |M(x) - x| (x10), protected region."""
-    ex = result.examples
-    rows = [("x", ex["x"]), ("M(x)", ex["mx"]), ("|M(x)-x| x10", (ex["diff"] * 10).clamp(0, 1))]
-    if "protect" in ex:
-        rows.append(("protected", ex["protect"].expand_as(ex["x"]) if ex["protect"].dim() == 4 else ex["protect"]))
-    cols = len(ex["x"])
+    rows = example_pictures(result.examples)
+    cols = len(rows["x"])
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols, 1.4 * len(rows)), squeeze=False)
-    for r, (name, batch) in enumerate(rows):
-        for c in range(cols):
-            image = batch[c]
-            image = image.permute(1, 2, 0) if image.dim() == 3 else image
-            axes[r][c].imshow(image.squeeze().numpy(), cmap="gray" if image.dim() == 2 or image.shape[-1] == 1 else None,
-                              vmin=0, vmax=1)
+    for r, (key, batch) in enumerate(rows.items()):
+        for c, image in enumerate(to_uint8_images(batch)):
+            axes[r][c].imshow(image, cmap="gray", vmin=0, vmax=255)  # cmap and range: one-channel images only
             axes[r][c].axis("off")
-        axes[r][0].set_title(name, fontsize=8, loc="left")
+        axes[r][0].set_title(TITLES[key], fontsize=8, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

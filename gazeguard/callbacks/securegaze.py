@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
-from gazeguard.callbacks.report import JSON_NAME, MARKDOWN_NAME, PICTURE_NAME, write_report
-from gazeguard.defenses import DetectionResult, RepairConfig, SecureGazeConfig, detect, repair
+from gazeguard.callbacks.report import JSON_NAME, MARKDOWN_NAME, PICTURE_NAME, example_pictures, write_report
+from gazeguard.defenses import DetectionResult, RepairConfig, SecureGazeConfig, detect, load_clean_set, repair
 from gazeguard.errors import ConfigError
 from gazeguard.evaluate import benign_error
 from gazeguard.loggers import log_files_artifact, to_uint8_images
@@ -41,7 +41,6 @@ def default_evaluator(datamodule: Any) -> Optional[Evaluator]:
     if isinstance(datamodule, PoisonedDataModule):
         return lambda model: evaluate_attack(model, datamodule)
     if datamodule is not None and hasattr(datamodule, "test_dataloader") and hasattr(datamodule, "kind"):
-
         return lambda model: {"benign_error": benign_error(model, datamodule.test_dataloader(), datamodule.kind)}
     return None
 
@@ -142,7 +141,7 @@ class SecureGaze(L.Callback):
         calls it directly on a loaded model.
         """
         try:
-            clean = self._clean_loader(datamodule)
+            clean = load_clean_set(self._clean_loader(datamodule))  # read once, for detection and repair
             evaluate = self.evaluate or default_evaluator(datamodule)
             before = evaluate(pl_module) if evaluate else {}
             with tqdm(total=self.config.steps, desc="SecureGaze: reverse-engineering", leave=False) as bar:
@@ -207,28 +206,14 @@ class SecureGaze(L.Callback):
         }
         for stage in ("before", "after"):
             metrics.update({f"securegaze/{stage}/{k}": v for k, v in (self.report.get(stage) or {}).items()})
-        pictures = self._pictures()
+        pictures = example_pictures(self.result.examples) if self.result is not None and self.result.examples else {}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, WandbLogger):
                 self._log_wandb(logger, pictures, folder, trainer.global_step)
-            elif pictures and hasattr(getattr(logger, "experiment", None), "add_images"):  # TensorBoard
+            elif isinstance(logger, TensorBoardLogger):
                 for key, batch in pictures.items():
-                    batch = batch if batch.dim() == 4 else batch.unsqueeze(1)
                     logger.experiment.add_images(f"securegaze/{key}", batch, global_step=trainer.global_step)
-            elif pictures and hasattr(logger, "log_image"):  # other loggers with an image API
-                for key, batch in pictures.items():
-                    logger.log_image(key=f"securegaze/{key}", images=to_uint8_images(batch))
-
-    def _pictures(self) -> dict[str, Any]:
-        """Held-out x, M(x), |M(x) - x| (x10, to be visible) and the protected pixels, in [0, 1]."""
-        examples = self.result.examples if self.result is not None else None
-        if not examples:
-            return {}
-        pictures = {"x": examples["x"], "Mx": examples["mx"], "diff_x10": (examples["diff"] * 10).clamp(0, 1)}
-        if "protect" in examples:
-            pictures["protected"] = examples["protect"].float()
-        return pictures
 
     def _log_wandb(self, logger: WandbLogger, pictures: dict[str, Any], folder: Path, step: int) -> None:
         report = self.report
