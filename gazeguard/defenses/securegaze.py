@@ -88,20 +88,26 @@ detection at 600 steps on 2 cores.
 
 Cost: one detection with 300 steps of 32 images at 64 px took 44 s of CPU time
 on one thread (66 s wall on a shared 2-core machine); about two thirds of it is M. Detection
-is deterministic for a given ``seed``.
+is deterministic for a given ``seed`` and number of threads.
 
-Threshold: 0.255, fixed by ``experiments/detection.py`` on seed 0 of the attack benchmark's zoo
-only: the geometric middle of the clean model (0.388) and the highest planted backdoor
-(BadNets, 0.168) of that seed. (The development value was 0.33, from the runs above.) On the
-fresh seeds it passed all four clean models (0.354-0.488, the lowest 1.39x above it) and
-flagged every planted BadNets, Blended and SIG backdoor (0.103-0.226), but missed tape seed 2
-(ASR 93.5 %, statistic 0.366): results in ``experiments/results/detection.md``. Likely cause:
-a strip of tape covers 4-7 % of the face with a change of about half the pixel range, so
-drawing it whole costs M a mean |M(x) - x| of 0.02-0.04, at or over the 0.02 budget; a
-half-drawn strip triggers that model only partly. A larger budget must then be re-checked on
-clean models (``experiments/sweeps/securegaze_hparams.yaml`` sweeps it). Calibrate the threshold
-again (on more clean seeds) when models or data change: clean models trained better or longer
-may collapse further.
+Budget 0.04 (was 0.02) and threshold 0.235, both from ``experiments/detection.py``
+(``experiments/results/detection.md``). With the budget at 0.02 (threshold 0.255, calibrated on
+seed 0) the benchmark passed every clean model and flagged every planted BadNets, Blended and
+SIG backdoor, but missed tape seed 2 (ASR 93.5 %, statistic 0.366): a strip of tape covers 4-7 %
+of the face with a change of about half the pixel range, so drawing it whole costs M a mean
+|M(x) - x| of 0.02-0.04, at or over that budget, and a half-drawn strip triggers the model only
+partly. At 0.03 that model read 0.308, at 0.04 0.127, while the lowest clean model then (seed 1)
+stayed at 0.343-0.383: protecting the salient pixels, not the budget, is what keeps clean
+models from collapsing. With the budget at 0.04, the threshold was calibrated again on seed 0
+alone (geometric middle of the clean model, 0.319, and the highest planted backdoor, tape
+0.173) and the whole zoo judged again: all 20 models right, calibration seed, the seeds looked
+at while choosing the budget (1, 2) and fresh models trained afterwards (seed 3 of every
+attack, clean seeds 3-6) alike. Clean models read 0.297-0.394 (the lowest 1.26x above the
+threshold), planted backdoors 0.040-0.177 (the highest 1.33x below). Calibrate again (on more
+clean seeds) when models or data change: clean models trained better or longer may collapse
+further. The statistic also moves with the number of CPU threads (floating-point order changes
+M's optimisation path: BadNets seed 0 read 0.168 with one thread and 0.226 with two at the old
+budget), so calibrate where the detection runs.
 """
 
 from __future__ import annotations
@@ -174,7 +180,7 @@ class SecureGazeConfig:
     steps: int = 600
     lr: float = 3e-3
     batch_size: int = 32
-    budget: float = 0.02
+    budget: float = 0.04
     lambda_f: float = 1.0
     lambda_s: float = 100.0
     protect_fraction: float = 0.1
@@ -182,7 +188,7 @@ class SecureGazeConfig:
     protect_dilate: int = 3
     holdout_fraction: float = 0.3
     min_clean: int = 32
-    threshold: float = 0.255
+    threshold: float = 0.235
     tau: float = 5.0
     kind: Optional[TargetKind] = None
     split_at: Optional[str] = None
