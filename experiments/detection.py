@@ -44,7 +44,15 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc  # n
 
 from gazeguard.attacks import Attack, IADGazeRegressor, PoisonedDataModule, create, evaluate_attack  # noqa: E402
 from gazeguard.data import GazeDataModule  # noqa: E402
-from gazeguard.defenses import RepairConfig, SecureGazeConfig, detect, load_clean_set, repair  # noqa: E402
+from gazeguard.defenses import (  # noqa: E402
+    NoSuspectsError,
+    RepairConfig,
+    SecureGazeConfig,
+    detect,
+    load_clean_set,
+    repair,
+    repair_with_training_data,
+)
 from gazeguard.fit import DATA_DEFAULTS  # noqa: E402
 from gazeguard.model import GazeRegressor  # noqa: E402
 
@@ -52,7 +60,7 @@ PLANTED = 0.9  # ASR@5deg at which an attack counts as a working backdoor
 FIELDS = (
     "attack", "seed", "asr", "backdoored", "statistic", "attack_success", "target",
     "detect_seconds", "benign_before", "benign_after", "asr_after", "robust_before", "robust_after",
-    "repair_seconds",
+    "repair_seconds", "repair_method",
 )
 
 
@@ -77,8 +85,12 @@ def datamodule(seed: int) -> GazeDataModule:
     return data
 
 
-def judge(row: dict[str, Any], config: SecureGazeConfig, repair_config: Optional[RepairConfig]) -> dict[str, Any]:
-    """Detect (and maybe repair) one zoo model."""
+def judge(
+    row: dict[str, Any], config: SecureGazeConfig, repair_config: Optional[RepairConfig], repair_data: str = "training"
+) -> dict[str, Any]:
+    """Detect (and maybe repair) one zoo model; ``repair_data`` as in the SecureGaze callback:
+    ``training`` (the poisoned training split, falling back to ``clean`` when it holds no
+    all-to-one poisons, as for IAD) or ``clean``."""
     model, attack = load_model(row)
     data = datamodule(row["seed"])
     clean = load_clean_set(data.defender_dataloader())  # decoded once for detection and repair
@@ -92,10 +104,19 @@ def judge(row: dict[str, Any], config: SecureGazeConfig, repair_config: Optional
         "benign_before": row["benign_error"], "robust_before": row["robust_error"],
     }
     if repair_config is not None and backdoored and attack is not None:
-        fixed = repair(model, clean, result, repair_config)
-        after = evaluate_attack(fixed.model, PoisonedDataModule(data, attack))
+        poisoned = PoisonedDataModule(data, attack)
+        fixed: Any = None
+        if repair_data == "training":
+            try:
+                fixed = repair_with_training_data(model, poisoned.split_dataset("train"), result)
+            except NoSuspectsError:
+                pass
+        method = "training" if fixed is not None else "clean"
+        if fixed is None:
+            fixed = repair(model, clean, result, repair_config)
+        after = evaluate_attack(fixed.model, poisoned)
         out.update(benign_after=after["benign_error"], asr_after=after["asr"], robust_after=after["robust_error"],
-                   repair_seconds=fixed.seconds)
+                   repair_seconds=fixed.seconds, repair_method=method)
     return out
 
 
@@ -217,7 +238,7 @@ def write_tables(
                   "Every backdoored model, flagged or not. Bars: ASR@5deg <= 5 %, robust error <= 1.5x benign "
                   "error, benign error rising by <= 0.5 deg.", "",
                   "| attack | seed | benign before -> after | ASR before -> after | robust before -> after | "
-                  "robust / benign | bars | s |", "|---|---|---|---|---|---|---|---|"]
+                  "robust / benign | bars | repaired on | s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in repaired:
             rise = float(r["benign_after"]) - float(r["benign_before"])
             ratio = float(r["robust_after"]) / float(r["benign_after"])
@@ -226,7 +247,7 @@ def write_tables(
                 f"| {r['attack']} | {r['seed']} | {_fmt(r['benign_before'], '.2f')} -> {_fmt(r['benign_after'], '.2f')} "
                 f"({rise:+.2f}) | {100 * float(r['asr']):.1f}% -> {100 * float(r['asr_after']):.1f}% | "
                 f"{_fmt(r['robust_before'], '.2f')} -> {_fmt(r['robust_after'], '.2f')} | {ratio:.2f} | "
-                f"{'yes' if ok else 'NO'} | {_fmt(r['repair_seconds'], '.0f')} |"
+                f"{'yes' if ok else 'NO'} | {r.get('repair_method') or 'clean'} | {_fmt(r['repair_seconds'], '.0f')} |"
             )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -255,6 +276,8 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", help="only these zoo entries (default: all, clean included)")
     parser.add_argument("--seeds", type=int, nargs="*", help="only these seeds (default: all)")
     parser.add_argument("--repair", action="store_true", help="also repair the backdoored models")
+    parser.add_argument("--repair-data", choices=("training", "clean"), default="training",
+                        help="repair on the poisoned training split (default) or the defender's clean split")
     parser.add_argument("--redo", action="store_true", help="judge models judged by an earlier run again")
     args = parser.parse_args()
     done = {} if args.redo else read_done(args.results.with_suffix(".csv"))
@@ -269,7 +292,7 @@ def main() -> None:
         if key in done and (not args.repair or not done[key]["backdoored"] or done[key].get("asr_after")):
             continue
         start = time.perf_counter()
-        done[key] = judge(row, SecureGazeConfig(), RepairConfig() if args.repair else None)
+        done[key] = judge(row, SecureGazeConfig(), RepairConfig() if args.repair else None, args.repair_data)
         print(f"{key}: statistic {done[key]['statistic']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
         write_tables(ordered(done), calibration, tuning, args.threshold, args.results, command)
     write_tables(ordered(done), calibration, tuning, args.threshold, args.results, command)

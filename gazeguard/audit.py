@@ -171,8 +171,9 @@ def audit(
             )
         model.to(_device(device))
 
-        # 3. SecureGaze, exactly as the fit-time callback runs it
-        defense = SecureGaze(config=detection, repair=repair, repair_config=unlearning,
+        # 3. SecureGaze, as the fit-time callback runs it; the repair uses the clean split, since
+        # --data is the auditor's data, not what the model was trained on
+        defense = SecureGaze(config=detection, repair=repair, repair_config=unlearning, repair_data="clean",
                              evaluate=None if evaluate else (lambda _model: {}))
         defense.check_clean_split(datamodule)  # refuses a too-small clean split with a hint
         payload = defense.defend(model, datamodule)

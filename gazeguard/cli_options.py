@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
-from gazeguard.defenses import RepairConfig, SecureGazeConfig
+from gazeguard.defenses import RepairConfig, SecureGazeConfig, TrainingRepairConfig
 from gazeguard.errors import ConfigError
 
 #: ``--group VALUE`` -> ``--group.field VALUE`` (when VALUE is not a config file).
@@ -101,14 +101,21 @@ class DefenseOptions:
     Args:
         name: defense to run (securegaze); null or ``none``: none.
         repair: repair the model by unlearning when it is flagged (saved as a new checkpoint).
+        repair_data: what the repair fine-tunes on: ``training`` (the training split, suspected
+            poisons left out, the trigger read off them), ``clean`` (the defender's clean split
+            with the reverse-engineered M(x)) or ``auto`` (training when its labels show the
+            poisons' pile at the inferred target, else clean).
         detection: SecureGaze detection options.
-        unlearning: repair options.
+        unlearning: options of the clean-split repair.
+        training_repair: options of the training-data repair.
     """
 
     name: Optional[str] = None
     repair: bool = True
+    repair_data: Literal["auto", "training", "clean"] = "auto"
     detection: SecureGazeConfig = field(default_factory=SecureGazeConfig)
     unlearning: RepairConfig = field(default_factory=RepairConfig)
+    training_repair: TrainingRepairConfig = field(default_factory=TrainingRepairConfig)
 
     def __post_init__(self) -> None:
         self.name = _no_name(self.name)

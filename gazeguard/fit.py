@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from gazeguard import callbacks, loggers
 from gazeguard.attacks import BackdoorMetricsLogger, IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
 from gazeguard.attacks.metrics import default_tau
+from gazeguard.callbacks.report import repair_summary
 from gazeguard.cli_options import LOGGERS, AttackOptions, DefenseOptions, expand_shorthands
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.errors import ConfigError, run_command
@@ -75,7 +76,12 @@ class GazeCLI(LightningCLI):
         self.defense = None
         if defense.name is not None:
             self.defense = callbacks.create(
-                defense.name, config=defense.detection, repair=defense.repair, repair_config=defense.unlearning
+                defense.name,
+                config=defense.detection,
+                repair=defense.repair,
+                repair_config=defense.unlearning,
+                repair_data=defense.repair_data,
+                training_repair_config=defense.training_repair,
             )
             self.trainer.callbacks.append(self.defense)
 
@@ -211,6 +217,8 @@ def format_defense(report: dict[str, Any], kind: str) -> list[str]:
         for key in rows:
             fmt = (lambda v: f"{100 * v:.1f}%") if key == "asr" else (lambda v: f"{v:.2f}")
             lines.append(f"{names[key]:<22}{fmt(before[key]):>10}{(fmt(after[key]) if key in after else '-'):>14}")
+    if report.get("repair"):
+        lines.append(repair_summary(report["repair"]))
     if report.get("repaired_checkpoint"):
         lines.append(f"repaired checkpoint: {report['repaired_checkpoint']}")
     lines.append(f"verdict: {report['verdict']}")

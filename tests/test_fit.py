@@ -107,6 +107,7 @@ def test_fit_with_defense_detects_repairs_and_reports(tmp_path: Path, capsys):
     assert "verdict: backdoored" in out and report["verdict"] == "backdoored"
     assert any(line.startswith("ASR@5deg") for line in out)
     assert set(report["after"]) >= {"benign_error", "attack_error", "asr", "robust_error"}
+    assert f"repair: on the {'training data' if report['repair']['method'] == 'training' else 'clean split'}" in "\n".join(out)
     folder = Path(summary["checkpoint"]).parent
     saved = json.loads((folder / "securegaze_report.json").read_text())
     assert saved["verdict"] == "backdoored" and saved["statistic"] == pytest.approx(report["statistic"])

@@ -74,6 +74,8 @@ def to_markdown(report: dict[str, Any], picture: Optional[str]) -> str:
         lines += ["", "| metric | before | after repair |", "|---|---|---|"]
         for key in before:
             lines.append(f"| {key} | {_fmt(before[key])} | {_fmt(after.get(key, float('nan')))} |")
+    if report.get("repair"):
+        lines += ["", repair_summary(report["repair"])]
     if report.get("repaired_checkpoint"):
         lines += ["", f"Repaired checkpoint: `{report['repaired_checkpoint']}` (the original is kept)."]
     if picture:
@@ -92,3 +94,11 @@ def write_report(report: dict[str, Any], result: Optional[DetectionResult], fold
     path.write_text(json.dumps(report, indent=2, default=float))
     (folder / MARKDOWN_NAME).write_text(to_markdown(report, picture))
     return path
+
+
+def repair_summary(repair: dict[str, Any]) -> str:
+    """One line on what the repair fine-tuned on (the report's ``repair`` entry)."""
+    if repair.get("method") == "training":
+        return (f"repair: on the training data, {repair['suspects']} suspected poisons left out "
+                f"({repair['kept']} samples kept), the trigger read off them ({repair['seconds']:.0f} s)")
+    return f"repair: on the clean split with M(x) ({repair.get('why', 'clean split')}; {repair['seconds']:.0f} s)"

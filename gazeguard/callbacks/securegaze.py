@@ -23,12 +23,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gazeguard.callbacks.report import JSON_NAME, MARKDOWN_NAME, PICTURE_NAME, example_pictures, write_report
-from gazeguard.defenses import DetectionResult, RepairConfig, SecureGazeConfig, detect, load_clean_set, repair
+from gazeguard.defenses import (
+    DetectionResult,
+    NoSuspectsError,
+    RepairConfig,
+    SecureGazeConfig,
+    TrainingRepairConfig,
+    detect,
+    load_clean_set,
+    repair,
+    repair_with_training_data,
+)
 from gazeguard.errors import ConfigError
 from gazeguard.evaluate import benign_error
 from gazeguard.loggers import log_files_artifact, to_uint8_images
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
+#: What the repair may fine-tune on (see :class:`SecureGaze`).
+REPAIR_DATA = ("auto", "training", "clean")
 
 
 def default_evaluator(datamodule: Any) -> Optional[Evaluator]:
@@ -51,7 +63,17 @@ class SecureGaze(L.Callback):
     Args:
         config: detection options (:class:`~gazeguard.defenses.SecureGazeConfig`).
         repair: fine-tune the model to unlearn the reverse-engineered trigger when it is flagged.
-        repair_config: repair options (:class:`~gazeguard.defenses.RepairConfig`).
+        repair_config: options of the clean-split repair (:class:`~gazeguard.defenses.RepairConfig`).
+        repair_data: what the repair fine-tunes on. ``training``: the datamodule's training split,
+            the data the model was trained on, poisons included: the suspected poisons give the
+            trigger and are left out (:func:`~gazeguard.defenses.repair_with_training_data`);
+            far cheaper in benign accuracy. ``clean``: the defender's clean split with the
+            reverse-engineered M(x) (:func:`~gazeguard.defenses.repair`). ``auto`` (default):
+            ``training`` when the datamodule has a training split and its labels show the
+            all-to-one pile at the inferred target, else ``clean``; the report says which ran
+            and why.
+        training_repair_config: options of the training-data repair
+            (:class:`~gazeguard.defenses.TrainingRepairConfig`).
         clean_dataloader: the defender's clean images; default: the datamodule's
             ``defender_dataloader()`` (a split that was never trained on).
         report_dir: where the report goes; default: next to the checkpoint (or the log dir).
@@ -68,6 +90,8 @@ class SecureGaze(L.Callback):
         config: Optional[SecureGazeConfig] = None,
         repair: bool = False,
         repair_config: Optional[RepairConfig] = None,
+        repair_data: str = "auto",
+        training_repair_config: Optional[TrainingRepairConfig] = None,
         clean_dataloader: Optional[Iterable] = None,
         report_dir: Optional[str] = None,
         evaluate: Optional[Evaluator] = None,
@@ -75,6 +99,10 @@ class SecureGaze(L.Callback):
         self.config = config or SecureGazeConfig()
         self.repair = repair
         self.repair_config = repair_config or RepairConfig()
+        if repair_data not in REPAIR_DATA:
+            raise ConfigError(f"SecureGaze repair_data must be one of {', '.join(REPAIR_DATA)}, got {repair_data!r}")
+        self.repair_data = repair_data
+        self.training_repair_config = training_repair_config or TrainingRepairConfig()
         self.clean_dataloader = clean_dataloader
         self.report_dir = report_dir
         self.evaluate = evaluate
@@ -167,17 +195,39 @@ class SecureGaze(L.Callback):
             state_dict = None
             if self.repair and result.is_backdoored:
                 # repair a copy: the broadcast below decides what every rank loads
-                repaired = repair(pl_module, clean, result, dataclasses.replace(self.repair_config, in_place=False))
-                state_dict = {k: v.detach().cpu() for k, v in repaired.model.state_dict().items()}
-                report.update(
-                    repaired=True,
-                    after=evaluate(repaired.model) if evaluate else {},
-                    repair={"labels": repaired.labels, "clean_loss": repaired.clean_loss,
-                            "trigger_loss": repaired.trigger_loss, "seconds": repaired.seconds},
-                )
+                model, details = self._repair(pl_module, clean, result, datamodule)
+                state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                report.update(repaired=True, after=evaluate(model) if evaluate else {}, repair=details)
             return {"report": report, "state_dict": state_dict, "error": None}
         except ConfigError as err:
             return {"report": None, "state_dict": None, "error": str(err)}
+
+    def _repair(
+        self, pl_module: nn.Module, clean: Any, result: DetectionResult, datamodule: Any
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """The repaired copy and the report's ``repair`` entry (method, and why)."""
+        train = None
+        reason = "repair_data=clean"
+        if self.repair_data != "clean":
+            if hasattr(datamodule, "split_dataset"):
+                train = datamodule.split_dataset("train")
+            elif self.repair_data == "training":
+                raise ConfigError("SecureGaze repair_data=training needs a datamodule with split_dataset('train')")
+            else:
+                reason = "no training split in the datamodule"
+        if train is not None:
+            try:
+                fixed = repair_with_training_data(pl_module, train, result, self.training_repair_config)
+                return fixed.model, {"method": "training", "suspects": fixed.suspects, "kept": fixed.kept,
+                                     "label_spike": fixed.label_spike, "trigger_size": fixed.trigger_size,
+                                     "seconds": fixed.seconds}
+            except NoSuspectsError as err:
+                if self.repair_data == "training":
+                    raise
+                reason = str(err)
+        fixed = repair(pl_module, clean, result, dataclasses.replace(self.repair_config, in_place=False))
+        return fixed.model, {"method": "clean", "why": reason, "labels": fixed.labels, "clean_loss": fixed.clean_loss,
+                             "trigger_loss": fixed.trigger_loss, "seconds": fixed.seconds}
 
     # -- outputs -----------------------------------------------------------------------------
     def _report_folder(self, trainer: L.Trainer) -> Path:

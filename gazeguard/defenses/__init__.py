@@ -9,6 +9,8 @@ Plain torch on an ``nn.Module`` and the defender's clean images (a DataLoader, e
     print(result.summary())
     if result.is_backdoored:
         repaired = repair(model, datamodule.defender_dataloader(), result).model
+        # or, with the (poisoned) training data the model was trained on:
+        repaired = repair_with_training_data(model, datamodule.split_dataset("train"), result).model
 """
 
 from gazeguard.defenses.generator import TriggerGenerator
@@ -28,24 +30,38 @@ from gazeguard.defenses.securegaze import (
     saliency_mask,
 )
 from gazeguard.defenses.split import ModelSplit, split_model
+from gazeguard.defenses.training_repair import (
+    NoSuspectsError,
+    Suspects,
+    TrainingRepairConfig,
+    TrainingRepairResult,
+    find_suspects,
+    repair_with_training_data,
+)
 
 __all__ = [
     "CleanSet",
     "DetectionResult",
     "ModelSplit",
+    "NoSuspectsError",
     "NonFiniteOutputError",
     "RepairConfig",
     "RepairResult",
     "ReverseEngineeredTrigger",
     "SecureGazeConfig",
+    "Suspects",
+    "TrainingRepairConfig",
+    "TrainingRepairResult",
     "TriggerGenerator",
     "detect",
     "dispersion_stats",
     "feature_shift",
     "feature_variance_ratio",
+    "find_suspects",
     "load_clean_set",
     "output_variance_ratio",
     "repair",
+    "repair_with_training_data",
     "saliency_mask",
     "split_model",
 ]

@@ -1,0 +1,154 @@
+"""Repair with the training data: suspects, the trigger read off them, unlearning, refusals.
+
+Ground truth by construction: the analytic toy of test_securegaze (gaze read from an eye band;
+the backdoored toy outputs its bias, gaze (0, 0), whenever a bright spot appears), with a gate
+soft enough for a fine-tune to move it, as if trained on a "poisoned training set" whose
+poisons carry a bright 3x3 spot and the label (0, 0).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gazeguard.defenses import (
+    NoSuspectsError,
+    SecureGazeConfig,
+    TrainingRepairConfig,
+    detect,
+    find_suspects,
+    repair_with_training_data,
+)
+from gazeguard.errors import ConfigError
+from tests.test_securegaze import EYE_COLS, EYE_ROWS, TOY_CONFIG, ToyGaze, toy_images
+
+SPOT = (slice(11, 14), slice(2, 5))  # below the eye band, like a patch on the cheek
+N_TRAIN, N_POISON = 320, 40
+
+
+class SoftToy(ToyGaze):
+    """The backdoored toy with a learnable, unsaturated gate: clean faces (3x3 means at most
+    about 0.5) leave it open, the white spot closes it."""
+
+    def __init__(self) -> None:
+        super().__init__(backdoor=True)
+        self.slope = nn.Parameter(torch.tensor(12.0))
+        with torch.no_grad():
+            self.threshold.fill_(0.75)
+
+    def forward(self, x: Tensor) -> Tensor:
+        grey = x.mean(1, keepdim=True)
+        feat = torch.tanh(grey[:, 0, EYE_ROWS, EYE_COLS].flatten(1) @ self.w_eye.T)
+        spot = F.avg_pool2d(grey, 3, stride=1).flatten(1).max(1).values
+        return self.fc((1 - torch.sigmoid(self.slope * (spot - self.threshold)))[:, None] * feat)
+
+
+def stamp(x: Tensor) -> Tensor:
+    x = x.clone()
+    x[:, :, SPOT[0], SPOT[1]] = 1.0
+    return x
+
+
+def training_set(poisoned: bool) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """Dict samples as a gazeguard dataset yields them, and the poison flags."""
+    x = toy_images(N_TRAIN, seed=1)
+    with torch.no_grad():
+        gaze = ToyGaze(backdoor=False)(x)  # the true gaze of each face
+    flags = torch.zeros(N_TRAIN, dtype=torch.bool)
+    if poisoned:
+        flags[:N_POISON] = True
+        x[:N_POISON] = stamp(x[:N_POISON])
+        gaze[:N_POISON] = 0.0  # all-to-one: the target gaze
+    return [{"image": image, "gaze": label} for image, label in zip(x, gaze)], flags
+
+
+@pytest.fixture(scope="module")
+def flagged() -> tuple[ToyGaze, object]:
+    model = SoftToy()
+    return model, detect(model, toy_images(96), SecureGazeConfig(**TOY_CONFIG))
+
+
+def test_suspects_are_the_poisons_and_their_mean_shows_the_trigger(flagged) -> None:
+    model, result = flagged
+    train, poisons = training_set(poisoned=True)
+    suspects = find_suspects(model, train, torch.tensor(result.target), result.tau, result.kind, batch_size=64)
+    assert suspects.mask.shape == (N_TRAIN,)
+    assert (suspects.mask & poisons).sum() == N_POISON  # every poison found
+    assert suspects.count < 1.5 * N_POISON  # and few clean faces with them
+    assert suspects.label_spike > 2.5  # 54 labels at the target, 14 of them clean
+    inside = suspects.trigger[:, SPOT[0], SPOT[1]].mean()
+    assert inside > 0.4 and suspects.trigger.abs().mean() < 0.1 * inside
+
+
+def test_repair_unlearns_the_real_trigger_on_a_copy(flagged) -> None:
+    model, result = flagged
+    train, poisons = training_set(poisoned=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fixed = repair_with_training_data(model, train, result, TrainingRepairConfig(epochs=6, lr=3e-2, batch_size=32))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # input untouched
+    assert fixed.model is not model and N_POISON <= fixed.suspects < 1.5 * N_POISON
+    assert fixed.kept == N_TRAIN - fixed.suspects and len(fixed.history) == 6
+    x = toy_images(64, seed=2)
+    with torch.no_grad():
+        truth = ToyGaze(backdoor=False)(x)
+        attacked = (model(stamp(x)) - truth).abs().mean()
+        repaired = (fixed.model(stamp(x)) - truth).abs().mean()
+        benign = (fixed.model(x) - truth).abs().mean()
+    assert repaired < 0.2 * attacked  # the spot no longer moves the gaze
+    assert benign < 0.02
+
+
+def test_no_pile_of_labels_at_the_target_means_no_trigger_to_read(flagged) -> None:
+    model, result = flagged
+    clean_train, _ = training_set(poisoned=False)
+    with pytest.raises(NoSuspectsError, match="no pile of training labels|too few"):
+        repair_with_training_data(model, clean_train, result)
+    with pytest.raises(NoSuspectsError, match="min_suspects"):
+        repair_with_training_data(model, training_set(poisoned=True)[0], result, TrainingRepairConfig(min_suspects=500))
+
+
+def test_bad_options_and_batches_are_clear_errors(flagged) -> None:
+    model, result = flagged
+    with pytest.raises(ConfigError, match="training_repair.epochs"):
+        TrainingRepairConfig(epochs=0)
+    with pytest.raises(ConfigError, match="training_repair.max_suspect_share"):
+        TrainingRepairConfig(max_suspect_share=1.5)
+    with pytest.raises(ConfigError, match="dict batches with 'image' and 'gaze'"):
+        repair_with_training_data(model, toy_images(32), result)
+
+
+class ToyData:
+    """What the callback asks of a datamodule for the repair: the training split."""
+
+    def __init__(self, poisoned: bool) -> None:
+        self.train, _ = training_set(poisoned)
+
+    def split_dataset(self, split: str) -> list[dict[str, Tensor]]:
+        assert split == "train"
+        return self.train
+
+
+def test_callback_repairs_on_the_training_data_and_falls_back_to_the_clean_split(flagged) -> None:
+    from gazeguard.callbacks import SecureGaze
+    from gazeguard.defenses import RepairConfig, load_clean_set
+
+    model, result = flagged
+    clean = load_clean_set(toy_images(96), 16)
+    options = dict(repair=True, training_repair_config=TrainingRepairConfig(epochs=6, lr=3e-2),
+                   repair_config=RepairConfig(epochs=1, refresh_steps=0, min_clean=16))
+    repaired, details = SecureGaze(**options)._repair(model, clean, result, ToyData(poisoned=True))
+    assert details["method"] == "training" and details["suspects"] >= N_POISON and repaired is not model
+    _, details = SecureGaze(**options)._repair(model, clean, result, ToyData(poisoned=False))
+    assert details["method"] == "clean" and "no pile of training labels" in details["why"]
+    _, details = SecureGaze(**options, repair_data="clean")._repair(model, clean, result, ToyData(poisoned=True))
+    assert details["method"] == "clean" and details["why"] == "repair_data=clean"
+    _, details = SecureGaze(**options)._repair(model, clean, result, None)  # a user's plain dataloaders
+    assert details["method"] == "clean" and details["why"] == "no training split in the datamodule"
+    with pytest.raises(ConfigError, match="repair_data=training needs a datamodule"):
+        SecureGaze(**options, repair_data="training")._repair(model, clean, result, None)
+    with pytest.raises(NoSuspectsError):
+        SecureGaze(**options, repair_data="training")._repair(model, clean, result, ToyData(poisoned=False))
+    with pytest.raises(ConfigError, match="repair_data must be one of auto, training, clean"):
+        SecureGaze(repair_data="train")
