@@ -117,6 +117,8 @@ def test_bad_options_and_batches_are_clear_errors(flagged) -> None:
         TrainingRepairConfig(max_suspect_share=1.5)
     with pytest.raises(ConfigError, match="dict batches with 'image' and 'gaze'"):
         repair_with_training_data(model, toy_images(32), result)
+    with pytest.raises(ConfigError, match="training data is empty"):
+        repair_with_training_data(model, [], result)
 
 
 class ToyData:

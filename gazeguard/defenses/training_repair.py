@@ -201,6 +201,8 @@ def find_suspects(
                 sums[side] = part if sums[side] is None else sums[side] + part
     finally:
         model.train(was_training)
+    if not flags:
+        raise ConfigError("find_suspects: the training data is empty")
     mask = torch.cat(flags)
     count = int(mask.sum())
     if count == 0 or count == len(mask):
