@@ -97,9 +97,10 @@ show the other side: with enough clean data the benign error holds (-0.26 to +0.
 invariance to M(x) then does not carry over to the real trigger (ASR 30-65 %). Much of what
 the 240-image repair removes, it removes by disturbing the whole model, benign gaze included.
 With the real trigger *and* that much clean data, the same fine-tune meets every bar (BadNets,
-SIG). So the two gaps are M's fidelity to the trigger and the size of the clean set; a repair
-that uses the (filtered) training data of ``fit``, with a trigger estimate closer to the real
-one than the collapse-seeking M, is the next thing to build.
+SIG). So the two gaps are M's fidelity to the trigger and the size of the clean set; where the
+training data is at hand (``fit``, the callback), :mod:`gazeguard.defenses.training_repair`
+closes both: it reads the trigger off the suspected poisons and fine-tunes on the rest. This
+clean-split repair remains for audits, where only the auditor's clean data exists.
 """
 
 from __future__ import annotations
