@@ -45,13 +45,12 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc  # n
 from gazeguard.attacks import Attack, IADGazeRegressor, PoisonedDataModule, create, evaluate_attack  # noqa: E402
 from gazeguard.data import GazeDataModule  # noqa: E402
 from gazeguard.defenses import (  # noqa: E402
-    NoSuspectsError,
+    REPAIR_DATA,
     RepairConfig,
     SecureGazeConfig,
     detect,
     load_clean_set,
-    repair,
-    repair_with_training_data,
+    repair_flagged,
 )
 from gazeguard.fit import DATA_DEFAULTS  # noqa: E402
 from gazeguard.model import GazeRegressor  # noqa: E402
@@ -86,11 +85,11 @@ def datamodule(seed: int) -> GazeDataModule:
 
 
 def judge(
-    row: dict[str, Any], config: SecureGazeConfig, repair_config: Optional[RepairConfig], repair_data: str = "training"
+    row: dict[str, Any], config: SecureGazeConfig, repair_config: Optional[RepairConfig], repair_data: str = "auto"
 ) -> dict[str, Any]:
-    """Detect (and maybe repair) one zoo model; ``repair_data`` as in the SecureGaze callback:
-    ``training`` (the poisoned training split, falling back to ``clean`` when it holds no
-    all-to-one poisons, as for IAD) or ``clean``."""
+    """Detect (and maybe repair) one zoo model; ``repair_data`` as in the SecureGaze callback
+    (``auto``: the poisoned training split, or the clean split when it holds no all-to-one
+    poisons, as for IAD)."""
     model, attack = load_model(row)
     data = datamodule(row["seed"])
     clean = load_clean_set(data.defender_dataloader())  # decoded once for detection and repair
@@ -105,18 +104,11 @@ def judge(
     }
     if repair_config is not None and backdoored and attack is not None:
         poisoned = PoisonedDataModule(data, attack)
-        fixed: Any = None
-        if repair_data == "training":
-            try:
-                fixed = repair_with_training_data(model, poisoned.split_dataset("train"), result)
-            except NoSuspectsError:
-                pass
-        method = "training" if fixed is not None else "clean"
-        if fixed is None:
-            fixed = repair(model, clean, result, repair_config)
-        after = evaluate_attack(fixed.model, poisoned)
+        repaired, details = repair_flagged(model, clean, result, poisoned.split_dataset("train"), repair_data,
+                                           repair_config)
+        after = evaluate_attack(repaired, poisoned)
         out.update(benign_after=after["benign_error"], asr_after=after["asr"], robust_after=after["robust_error"],
-                   repair_seconds=fixed.seconds, repair_method=method)
+                   repair_seconds=details["seconds"], repair_method=details["method"])
     return out
 
 
@@ -276,8 +268,8 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", help="only these zoo entries (default: all, clean included)")
     parser.add_argument("--seeds", type=int, nargs="*", help="only these seeds (default: all)")
     parser.add_argument("--repair", action="store_true", help="also repair the backdoored models")
-    parser.add_argument("--repair-data", choices=("training", "clean"), default="training",
-                        help="repair on the poisoned training split (default) or the defender's clean split")
+    parser.add_argument("--repair-data", choices=REPAIR_DATA, default="auto",
+                        help="repair on the poisoned training split (auto falls back to the defender's clean split)")
     parser.add_argument("--redo", action="store_true", help="judge models judged by an earlier run again")
     args = parser.parse_args()
     done = {} if args.redo else read_done(args.results.with_suffix(".csv"))

@@ -12,7 +12,6 @@ repair, the repaired weights are broadcast so that every rank ends with identica
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -25,22 +24,19 @@ from tqdm.auto import tqdm
 from gazeguard.callbacks.report import JSON_NAME, MARKDOWN_NAME, PICTURE_NAME, example_pictures, write_report
 from gazeguard.defenses import (
     DetectionResult,
-    NoSuspectsError,
     RepairConfig,
     SecureGazeConfig,
     TrainingRepairConfig,
+    check_repair_data,
     detect,
     load_clean_set,
-    repair,
-    repair_with_training_data,
+    repair_flagged,
 )
 from gazeguard.errors import ConfigError
 from gazeguard.evaluate import benign_error
 from gazeguard.loggers import log_files_artifact, to_uint8_images
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
-#: What the repair may fine-tune on (see :class:`SecureGaze`).
-REPAIR_DATA = ("auto", "training", "clean")
 
 
 def default_evaluator(datamodule: Any) -> Optional[Evaluator]:
@@ -99,8 +95,7 @@ class SecureGaze(L.Callback):
         self.config = config or SecureGazeConfig()
         self.repair = repair
         self.repair_config = repair_config or RepairConfig()
-        if repair_data not in REPAIR_DATA:
-            raise ConfigError(f"SecureGaze repair_data must be one of {', '.join(REPAIR_DATA)}, got {repair_data!r}")
+        check_repair_data(repair_data)  # before training, not after it
         self.repair_data = repair_data
         self.training_repair_config = training_repair_config or TrainingRepairConfig()
         self.clean_dataloader = clean_dataloader
@@ -206,28 +201,10 @@ class SecureGaze(L.Callback):
         self, pl_module: nn.Module, clean: Any, result: DetectionResult, datamodule: Any
     ) -> tuple[nn.Module, dict[str, Any]]:
         """The repaired copy and the report's ``repair`` entry (method, and why)."""
-        train = None
-        reason = "repair_data=clean"
-        if self.repair_data != "clean":
-            if hasattr(datamodule, "split_dataset"):
-                train = datamodule.split_dataset("train")
-            elif self.repair_data == "training":
-                raise ConfigError("SecureGaze repair_data=training needs a datamodule with split_dataset('train')")
-            else:
-                reason = "no training split in the datamodule"
-        if train is not None:
-            try:
-                fixed = repair_with_training_data(pl_module, train, result, self.training_repair_config)
-                return fixed.model, {"method": "training", "suspects": fixed.suspects, "kept": fixed.kept,
-                                     "label_spike": fixed.label_spike, "trigger_size": fixed.trigger_size,
-                                     "seconds": fixed.seconds}
-            except NoSuspectsError as err:
-                if self.repair_data == "training":
-                    raise
-                reason = str(err)
-        fixed = repair(pl_module, clean, result, dataclasses.replace(self.repair_config, in_place=False))
-        return fixed.model, {"method": "clean", "why": reason, "labels": fixed.labels, "clean_loss": fixed.clean_loss,
-                             "trigger_loss": fixed.trigger_loss, "seconds": fixed.seconds}
+        uses_training = self.repair_data != "clean" and hasattr(datamodule, "split_dataset")
+        train = datamodule.split_dataset("train") if uses_training else None
+        return repair_flagged(pl_module, clean, result, train, self.repair_data, self.repair_config,
+                              self.training_repair_config)
 
     # -- outputs -----------------------------------------------------------------------------
     def _report_folder(self, trainer: L.Trainer) -> Path:

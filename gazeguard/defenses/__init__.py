@@ -31,15 +31,19 @@ from gazeguard.defenses.securegaze import (
 )
 from gazeguard.defenses.split import ModelSplit, split_model
 from gazeguard.defenses.training_repair import (
+    REPAIR_DATA,
     NoSuspectsError,
     Suspects,
     TrainingRepairConfig,
     TrainingRepairResult,
+    check_repair_data,
     find_suspects,
+    repair_flagged,
     repair_with_training_data,
 )
 
 __all__ = [
+    "REPAIR_DATA",
     "CleanSet",
     "DetectionResult",
     "ModelSplit",
@@ -55,12 +59,14 @@ __all__ = [
     "TriggerGenerator",
     "detect",
     "dispersion_stats",
+    "check_repair_data",
     "feature_shift",
     "feature_variance_ratio",
     "find_suspects",
     "load_clean_set",
     "output_variance_ratio",
     "repair",
+    "repair_flagged",
     "repair_with_training_data",
     "saliency_mask",
     "split_model",

@@ -54,6 +54,7 @@ is no trigger to read and :class:`NoSuspectsError` is raised.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -63,13 +64,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from gazeguard.defenses.securegaze import DetectionResult, NonFiniteOutputError
+from gazeguard.defenses.repair import RepairConfig, repair
+from gazeguard.defenses.securegaze import CleanSet, DetectionResult, NonFiniteOutputError, frozen
 from gazeguard.errors import ConfigError
 from gazeguard.evaluate import batch_images
 from gazeguard.gaze import gaze_distance
 
-__all__ = ["NoSuspectsError", "Suspects", "TrainingRepairConfig", "TrainingRepairResult", "find_suspects",
-           "repair_with_training_data"]
+__all__ = ["REPAIR_DATA", "NoSuspectsError", "Suspects", "TrainingRepairConfig", "TrainingRepairResult",
+           "check_repair_data", "find_suspects", "repair_flagged", "repair_with_training_data"]
+
+#: What a repair may fine-tune on (see :func:`repair_flagged`).
+REPAIR_DATA = ("auto", "training", "clean")
 
 
 class NoSuspectsError(ConfigError):
@@ -186,13 +191,11 @@ def find_suspects(
     """Training samples sent within ``tau`` of ``target`` and labelled there, and the mean
     image difference between them and the rest (one pass, running sums: any dataset size)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     target = target.to(device)
     flags: list[Tensor] = []
     sums = {True: None, False: None}
     at_target = around_target = 0
-    try:
+    with frozen(model):
         for batch in _loader(train, batch_size):
             images = batch_images(batch).to(device)
             labels = _labels(batch, "find_suspects").to(device)
@@ -208,8 +211,6 @@ def find_suspects(
             for side in (True, False):
                 part = images[flag == side].sum(0)
                 sums[side] = part if sums[side] is None else sums[side] + part
-    finally:
-        model.train(was_training)
     if not flags:
         raise ConfigError("find_suspects: the training data is empty")
     mask = torch.cat(flags)
@@ -291,3 +292,50 @@ def repair_with_training_data(
         history=history,
         seconds=time.perf_counter() - start,
     )
+
+
+def check_repair_data(data: str) -> None:
+    """Refuse a ``repair_data`` that is not one of :data:`REPAIR_DATA`."""
+    if data not in REPAIR_DATA:
+        raise ConfigError(f"SecureGaze repair_data must be one of {', '.join(REPAIR_DATA)}, got {data!r}")
+
+
+def repair_flagged(
+    model: nn.Module,
+    clean: CleanSet,
+    detection: DetectionResult,
+    train: Optional[Dataset] = None,
+    data: str = "auto",
+    clean_config: Optional[RepairConfig] = None,
+    training_config: Optional[TrainingRepairConfig] = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Repair a flagged model on the data ``data`` names; returns the repaired copy and what
+    ran, and why (the report's ``repair`` entry).
+
+    ``training``: :func:`repair_with_training_data` on ``train`` (required). ``clean``:
+    :func:`~gazeguard.defenses.repair` on ``clean`` with the reverse-engineered M(x). ``auto``:
+    ``training`` when ``train`` is given and holds all-to-one poisons to read a trigger off
+    (no :class:`NoSuspectsError`), else ``clean``.
+    """
+    check_repair_data(data)
+    reason = "repair_data=clean"
+    if data != "clean":
+        if train is None:
+            if data == "training":
+                raise ConfigError("SecureGaze repair_data=training needs a datamodule with split_dataset('train')")
+            reason = "no training split in the datamodule"
+        else:
+            try:
+                fixed = repair_with_training_data(model, train, detection, training_config)
+                return fixed.model, {"method": "training", "suspects": fixed.suspects, "kept": fixed.kept,
+                                     "label_spike": fixed.label_spike, "trigger_size": fixed.trigger_size,
+                                     "seconds": fixed.seconds}
+            except NoSuspectsError as err:
+                if data == "training":
+                    raise
+                reason = str(err)
+    config = dataclasses.replace(clean_config or RepairConfig(), in_place=False)
+    fixed_clean = repair(model, clean, detection, config)
+    return fixed_clean.model, {"method": "clean", "why": reason, "labels": fixed_clean.labels,
+                               "clean_loss": fixed_clean.clean_loss, "trigger_loss": fixed_clean.trigger_loss,
+                               "seconds": fixed_clean.seconds}
