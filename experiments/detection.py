@@ -59,7 +59,7 @@ PLANTED = 0.9  # ASR@5deg at which an attack counts as a working backdoor
 FIELDS = (
     "attack", "seed", "asr", "backdoored", "statistic", "attack_success", "target",
     "detect_seconds", "benign_before", "benign_after", "asr_after", "robust_before", "robust_after",
-    "repair_seconds", "repair_method",
+    "repair_seconds", "repair_method", "clean_model_asr", "clean_model_ratio",
 )
 
 
@@ -110,6 +110,16 @@ def judge(
         out.update(benign_after=after["benign_error"], asr_after=after["asr"], robust_after=after["robust_error"],
                    repair_seconds=details["seconds"], repair_method=details["method"])
     return out
+
+
+def clean_model_under(row: dict[str, Any], clean_row: dict[str, Any]) -> dict[str, float]:
+    """The yardstick of a repair: how the never-poisoned model of the same seed fares on the
+    triggered test split of ``row``'s attack (a trigger that hides the eyes, like tape, raises
+    anyone's robust error; a noisy one pulls predictions towards the middle, where the target is)."""
+    _, attack = load_model(row)
+    model, _ = load_model(clean_row)
+    metrics = evaluate_attack(model, PoisonedDataModule(datamodule(row["seed"]), attack))
+    return {"clean_model_asr": metrics["asr"], "clean_model_ratio": metrics["robust_error"] / metrics["benign_error"]}
 
 
 def calibrate(rows: list[dict[str, Any]]) -> Optional[float]:
@@ -175,6 +185,12 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return format(float(value), spec)
 
 
+def _yardstick(row: dict[str, Any]) -> str:
+    if row.get("clean_model_asr") in (None, ""):
+        return "-"
+    return f"{100 * float(row['clean_model_asr']):.1f}% / {float(row['clean_model_ratio']):.2f}"
+
+
 def write_tables(
     rows: list[dict[str, Any]],
     calibration: set[int],
@@ -229,8 +245,10 @@ def write_tables(
         lines += ["", "## Repair of the backdoored models", "",
                   "Every backdoored model, flagged or not. Bars: ASR@5deg <= 5 %, robust error <= 1.5x benign "
                   "error, benign error rising by <= 0.5 deg.", "",
+                  "The last column is the yardstick: the never-poisoned model of the same seed on the same "
+                  "triggered test images (ASR / robust over benign error).", "",
                   "| attack | seed | benign before -> after | ASR before -> after | robust before -> after | "
-                  "robust / benign | bars | repaired on | s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "robust / benign | bars | repaired on | s | clean model |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in repaired:
             rise = float(r["benign_after"]) - float(r["benign_before"])
             ratio = float(r["robust_after"]) / float(r["benign_after"])
@@ -239,7 +257,8 @@ def write_tables(
                 f"| {r['attack']} | {r['seed']} | {_fmt(r['benign_before'], '.2f')} -> {_fmt(r['benign_after'], '.2f')} "
                 f"({rise:+.2f}) | {100 * float(r['asr']):.1f}% -> {100 * float(r['asr_after']):.1f}% | "
                 f"{_fmt(r['robust_before'], '.2f')} -> {_fmt(r['robust_after'], '.2f')} | {ratio:.2f} | "
-                f"{'yes' if ok else 'NO'} | {r.get('repair_method') or 'clean'} | {_fmt(r['repair_seconds'], '.0f')} |"
+                f"{'yes' if ok else 'NO'} | {r.get('repair_method') or 'clean'} | {_fmt(r['repair_seconds'], '.0f')} | "
+                f"{_yardstick(r)} |"
             )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -287,6 +306,12 @@ def main() -> None:
         done[key] = judge(row, SecureGazeConfig(), RepairConfig() if args.repair else None, args.repair_data)
         print(f"{key}: statistic {done[key]['statistic']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
         write_tables(ordered(done), calibration, tuning, args.threshold, args.results, command)
+    clean_models = {r["seed"]: r for r in load_rows(args.zoo) if r["attack"] == "clean"}
+    for row in zoo:  # the yardstick of every repair, also of repairs judged by an earlier run
+        judged = done.get((row["attack"], row["seed"]))
+        repaired = judged and judged.get("asr_after") not in (None, "")
+        if repaired and not judged.get("clean_model_asr") and row["seed"] in clean_models:
+            judged.update(clean_model_under(row, clean_models[row["seed"]]))
     write_tables(ordered(done), calibration, tuning, args.threshold, args.results, command)
 
 

@@ -99,6 +99,7 @@ def write_report(report: dict[str, Any], result: Optional[DetectionResult], fold
 def repair_summary(repair: dict[str, Any]) -> str:
     """One line on what the repair fine-tuned on (the report's ``repair`` entry)."""
     if repair.get("method") == "training":
-        return (f"repair: on the training data, {repair['suspects']} suspected poisons left out "
-                f"({repair['kept']} samples kept), the trigger read off them ({repair['seconds']:.0f} s)")
+        return (f"repair: on the training data, {repair['suspects']} samples labelled at the inferred target "
+                f"held out as suspected poisons ({repair['kept']} kept), the trigger read off them, "
+                f"{repair['relabelled']} relabelled with the repaired model's gaze ({repair['seconds']:.0f} s)")
     return f"repair: on the clean split with M(x) ({repair.get('why', 'clean split')}; {repair['seconds']:.0f} s)"

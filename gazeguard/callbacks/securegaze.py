@@ -62,8 +62,9 @@ class SecureGaze(L.Callback):
         repair_config: options of the clean-split repair (:class:`~gazeguard.defenses.RepairConfig`).
         repair_data: what the repair fine-tunes on. ``training``: the datamodule's training split,
             the data the model was trained on, poisons included: the suspected poisons give the
-            trigger and are left out (:func:`~gazeguard.defenses.repair_with_training_data`);
-            far cheaper in benign accuracy. ``clean``: the defender's clean split with the
+            trigger and rejoin relabelled with the repairing model's gaze
+            (:func:`~gazeguard.defenses.repair_with_training_data`); far cheaper in benign
+            accuracy. ``clean``: the defender's clean split with the
             reverse-engineered M(x) (:func:`~gazeguard.defenses.repair`). ``auto`` (default):
             ``training`` when the datamodule has a training split and its labels show the
             all-to-one pile at the inferred target, else ``clean``; the report says which ran
