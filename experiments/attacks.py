@@ -118,20 +118,23 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/zoo"), help="where checkpoints go")
     parser.add_argument("--results", type=Path, default=RESULTS / "attacks", help="table stem (.csv/.md)")
-    parser.add_argument("--retrain", action="store_true", help="retrain runs already in the results CSV")
+    parser.add_argument("--retrain", action="store_true",
+                        help="retrain the named attacks (the clean models when none is named) even if already run")
     parser.add_argument("extra", nargs="*", help="extra fit options after --, e.g. -- --trainer.max_epochs 8")
     args = parser.parse_args()
     csv_path = args.results.with_suffix(".csv")
-    done = {} if args.retrain else {(row["attack"], row["seed"]): row for row in load_rows(csv_path)}
-    for seed in args.seeds:
-        for attack in [None, *args.attacks]:
-            key = (attack or "clean", seed)
-            if key not in done:
-                done[key] = train(attack, seed, args.out, args.extra)
-                # merged with what other invocations wrote meanwhile (the zoo grows in parallel)
-                on_disk = {(row["attack"], row["seed"]): row for row in load_rows(csv_path)}
-                done = {**on_disk, **done}
-                print(write_tables(sorted(done.values(), key=order), args.results), flush=True)
+    done = {(row["attack"], row["seed"]): row for row in load_rows(csv_path)}
+    # --retrain: the named attacks only; the clean models when no attack is named
+    again = {(name, seed) for name in args.attacks or ["clean"] for seed in args.seeds} if args.retrain else set()
+    todo = [(attack, seed) for seed in args.seeds for attack in [None, *args.attacks]]
+    mine: dict[tuple[str, int], dict[str, Any]] = {}
+    for attack, seed in todo:
+        key = (attack or "clean", seed)
+        if key in again or key not in done:
+            mine[key] = train(attack, seed, args.out, args.extra)
+            # merged with what other invocations wrote meanwhile (the zoo grows in parallel)
+            on_disk = {(row["attack"], row["seed"]): row for row in load_rows(csv_path)}
+            print(write_tables(sorted({**on_disk, **mine}.values(), key=order), args.results), flush=True)
 
 
 def order(row: dict[str, Any]) -> tuple[int, int]:

@@ -80,7 +80,7 @@ class AttackOptions:
     Args:
         name: attack to plant (badnets, blended, wanet, sig, tape, iad); null or ``none``: none.
         poison_rate: share of the training split that is triggered and relabelled, in (0, 1];
-            default: the attack's own (10 %).
+            default: the attack's own (10 %; WaNet 20 %).
         target: the attacker's gaze (pitch, yaw rad; x, y cm for points); default (0, 0).
         options: options of the attack's trigger, e.g. ``{size: 0.1, corner: top-left}``.
     """

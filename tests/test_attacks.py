@@ -137,11 +137,13 @@ def test_registry_builds_every_attack_with_spec_defaults():
     assert set(BUILT_IN) <= set(ATTACKS)
     for name in BUILT_IN:
         attack = create(name)
-        assert attack.name == name and attack.poison_rate == 0.1
+        assert attack.name == name and attack.poison_rate == (0.2 if name == "wanet" else 0.1)
         torch.testing.assert_close(attack.targets(torch.ones(3, 2)), torch.zeros(3, 2))
         attack.check(64)
-    wanet = create("wanet")
-    assert wanet.cross_ratio == 2.0 and wanet.cross_trigger.noise and wanet.cross_rate == pytest.approx(0.2)
+    wanet = create("wanet")  # scaled to the CPU default (see the registry)
+    assert wanet.trigger.s == 8.0 and wanet.cross_ratio == 0.0 and wanet.cross_trigger is None
+    reference = create("wanet", s=0.5, cross_ratio=2.0, poison_rate=0.1)
+    assert reference.trigger.s == 0.5 and reference.cross_trigger.noise and reference.cross_rate == pytest.approx(0.2)
     assert create("blended", alpha=0.3, poison_rate=0.05).trigger.alpha == 0.3
 
 
@@ -223,7 +225,7 @@ def test_poisoning_draws_a_fixed_share_of_training_samples(h5: Path):
     np.testing.assert_array_equal(again.poisoned_indices, poisoned)
     reseeded = PoisonedDataModule(datamodule(h5, augment=False, seed=1), create("badnets", poison_rate=0.25))
     assert not np.array_equal(reseeded.poisoned_indices, poisoned)
-    wanet = PoisonedDataModule(datamodule(h5), create("wanet"))
+    wanet = PoisonedDataModule(datamodule(h5), create("wanet", cross_ratio=2.0, poison_rate=0.1))
     assert len(wanet.cross_indices) == round(0.2 * len(train))
     assert not set(wanet.cross_indices) & set(wanet.poisoned_indices)
 

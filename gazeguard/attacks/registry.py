@@ -59,10 +59,17 @@ def _from_trigger(name: str, trigger: TriggerLike) -> AttackFactory:
     return factory
 
 
-def _wanet(cross_ratio: float = 2.0, after_augmentation: bool = True, **options: Any) -> Attack:
-    """WaNet in noise mode: ``cross_ratio`` label-keeping jittered samples per poisoned one,
-    warped after the augmentation as in the reference code (see :class:`Attack`)."""
-    attack_options, trigger_options = _split_options({**options, "after_augmentation": after_augmentation})
+def _wanet(
+    s: float = 8.0, cross_ratio: float = 0.0, poison_rate: float = 0.2, after_augmentation: bool = True, **options: Any
+) -> Attack:
+    """WaNet scaled to the CPU default: a stronger warp (``s`` 8, about 4 px), 20 % poisoned, no
+    noise-mode cross samples, warped after the augmentation as in the reference code (see
+    :class:`Attack`). The reference settings, which do not plant at this size (see
+    :class:`~gazeguard.attacks.triggers.WaNet`): ``s=0.5, cross_ratio=2, poison_rate=0.1``.
+    ``cross_ratio`` > 0 adds that many label-keeping jittered samples per poisoned one."""
+    attack_options, trigger_options = _split_options(
+        {**options, "s": s, "poison_rate": poison_rate, "after_augmentation": after_augmentation}
+    )
     trigger = _build("wanet", WaNet, trigger_options)
     cross = _build("wanet", WaNet, {**trigger_options, "noise": True}) if cross_ratio > 0 else None
     return Attack(trigger, cross_trigger=cross, cross_ratio=cross_ratio, name="wanet", **attack_options)
