@@ -248,7 +248,8 @@ def write_tables(
                   "The last column is the yardstick: the never-poisoned model of the same seed on the same "
                   "triggered test images (ASR / robust over benign error).", "",
                   "| attack | seed | benign before -> after | ASR before -> after | robust before -> after | "
-                  "robust / benign | bars | repaired on | s | clean model |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "robust / benign | bars | repaired on | s | clean model |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in repaired:
             rise = float(r["benign_after"]) - float(r["benign_before"])
             ratio = float(r["robust_after"]) / float(r["benign_after"])

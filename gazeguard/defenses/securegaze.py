@@ -105,7 +105,12 @@ at while choosing the budget (1, 2) and fresh models trained afterwards (seed 3 
 attack, clean seeds 3-6) alike. Clean models read 0.297-0.394 (the lowest 1.26x above the
 threshold), planted backdoors 0.040-0.177 (the highest 1.33x below). Calibrate again (on more
 clean seeds) when models or data change: clean models trained better or longer may collapse
-further. The statistic also moves with the number of CPU threads (floating-point order changes
+further. Since then WaNet was scaled until it planted (a 4 px smooth warp, see
+:class:`~gazeguard.attacks.triggers.WaNet`), and its three models, judged at these fixed
+settings, read 0.096, 0.265 and 0.188: seed 1 is missed. A warp moves pixels rather than
+painting them, and M, an additive painter with a small mean budget, imitates it only in part;
+a warp-shaped generator (M predicting a flow field, not a residual) is the next lever. The
+statistic also moves with the number of CPU threads (floating-point order changes
 M's optimisation path: BadNets seed 0 read 0.168 with one thread and 0.226 with two at the old
 budget), so calibrate where the detection runs.
 """

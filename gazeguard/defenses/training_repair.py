@@ -84,6 +84,14 @@ error 1.01-1.50x, benign error -0.23 to +0.65 deg; all three bars on 11 (Blended
 5.7 % ASR, SIG seed 2 pays +0.65 deg). The end-to-end default run repairs BadNets to 1.3 % at
 -0.06 deg.
 
+The scaled WaNet (a 4 px warp of the whole face, ``experiments/results/detection.md``) is not
+unlearnt: ASR 98.5 / 97.8 / 96.4 % fell only to 75.5 / 48.0 / 45.6 %. The mean difference of
+warped faces is no trigger, so the first epoch barely loosens the backdoor, and only the
+suspects the model already sends away (288 of about 540 on seed 0) are relabelled; the rest
+stay out. The warp also moves the eyes: a never-poisoned model has 3.3-3.8x its benign error on
+warped faces and lands on the target 8-11 % of the time, so the robust-error bar cannot hold
+for any model there.
+
 Limits: it needs the training data (an audit of a third party's model has only a clean split:
 use :func:`~gazeguard.defenses.repair`); the estimate is additive, so warps (WaNet) and
 per-input triggers (IAD) are only approximated; with fewer than ``min_suspects`` suspects there
