@@ -76,7 +76,8 @@ once the labels are renewed every epoch (the default: ``clean_epochs`` 1, ``susp
 3). On SIG s2 it gives 1.7 % / 1.23 / +0.35 (before: 3.9 % / 1.29 / +0.19), on Blended s2
 3.9 % / 1.60 / -0.16 (6.0 % / 1.71 / -0.22); with the suspects once per epoch instead of three
 times, 2.2 % / 1.20 / +0.32 and 4.8 % / 1.54 / -0.23. The repair takes about 30 % longer.
-Neither a lower rate (2e-4) nor a fifth epoch changed these two beyond the noise of a rerun.
+Neither a lower rate (2e-4: +0.37 deg on SIG s2, 5.0 % / 1.57 on Blended s2) nor a fifth epoch
+(+0.15 deg; 4.1 % / 1.60, and 30 % more time) fixed both at once, so the defaults stayed.
 
 Benchmark with these defaults (``experiments/results/detection.md``, test split, the same 13
 models): tape 3.2 % / 1.39 / -0.03 and 3.9 % / 1.40 / +0.37; over all 13, ASR 0.9-5.7 %, robust
