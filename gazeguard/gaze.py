@@ -9,13 +9,15 @@ camera coordinates (x right, y down, z forward). Point-of-gaze targets (GazeCapt
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
 TargetKind = Literal["angle", "point"]
 TARGET_KINDS: tuple[str, ...] = ("angle", "point")
+GazeArray = TypeVar("GazeArray", Tensor, np.ndarray)
 
 #: Units that error figures are printed in, per target kind.
 UNITS: dict[str, str] = {"angle": "deg", "point": "cm"}
@@ -47,6 +49,20 @@ def angular_error_deg(pred: Tensor, target: Tensor) -> Tensor:
 def point_error(pred: Tensor, target: Tensor) -> Tensor:
     """Per-sample Euclidean distance between 2-D points of gaze (cm for GazeCapture)."""
     return torch.linalg.vector_norm(pred - target, dim=-1)
+
+
+def mirrored_gaze(gaze: GazeArray, kind: TargetKind) -> GazeArray:
+    """The labels of the horizontally mirrored images (a copy of ``gaze``, one label per row).
+
+    Mirroring negates the x axis of camera coordinates: yaw changes sign for angles, XCam for
+    points. Tensors and numpy arrays alike: the augmentation flips numpy labels, the repair
+    mirrors batches of predictions.
+    """
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
+    flipped = gaze.clone() if isinstance(gaze, Tensor) else np.array(gaze, copy=True)
+    flipped[..., 1 if kind == "angle" else 0] *= -1
+    return flipped
 
 
 def gaze_distance(pred: Tensor, target: Tensor, kind: TargetKind) -> Tensor:

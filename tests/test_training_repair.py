@@ -23,7 +23,7 @@ from gazeguard.defenses import (
 )
 from gazeguard.defenses.training_repair import _relabel
 from gazeguard.errors import ConfigError
-from gazeguard.gaze import gaze_distance
+from gazeguard.gaze import gaze_distance, mirrored_gaze
 from tests.test_securegaze import EYE_COLS, EYE_ROWS, TOY_CONFIG, ToyGaze, toy_images
 
 SPOT = (slice(11, 14), slice(2, 5))  # below the eye band, like a patch on the cheek
@@ -112,14 +112,42 @@ def test_suspects_still_sent_to_the_target_are_not_relabelled(flagged) -> None:
     model, result = flagged
     train, poisons = training_set(poisoned=True)
     suspects = [sample for sample, poison in zip(train, poisons) if poison]
-    assert len(_relabel(model, suspects, result, result.tau, 16)) == 0  # the backdoor still answers
+    # the toy's gate looks for the spot anywhere, so it fires on the mirrored images too
+    assert len(_relabel(model, suspects, result, result.tau, 16, mirror=True)) == 0
     honest = ToyGaze(backdoor=False)
-    relabelled = _relabel(honest, suspects, result, result.tau, 16)
+    relabelled = _relabel(honest, suspects, result, result.tau, 16, mirror=False)
     with torch.no_grad():
         truth = honest(torch.stack([sample["image"] for sample in suspects]))
     far = gaze_distance(truth, torch.tensor(result.target).expand_as(truth), result.kind) >= result.tau
     assert len(relabelled) == int(far.sum()) > 0
     assert torch.allclose(torch.stack([relabelled[i]["gaze"] for i in range(len(relabelled))]), truth[far])
+
+
+class OneSidedToy(SoftToy):
+    """A backdoor that fires on the spot at its place only, like a trigger the victim saw one
+    way round: mirrored, the spot sits on the other cheek and the gate stays open."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        grey = x.mean(1, keepdim=True)
+        feat = torch.tanh(grey[:, 0, EYE_ROWS, EYE_COLS].flatten(1) @ self.w_eye.T)
+        spot = grey[:, 0, SPOT[0], SPOT[1]].mean((1, 2))
+        return self.fc((1 - torch.sigmoid(self.slope * (spot - self.threshold)))[:, None] * feat)
+
+
+def test_suspects_a_one_sided_trigger_holds_are_labelled_from_the_mirrored_image(flagged) -> None:
+    _, result = flagged
+    model = OneSidedToy()
+    train, poisons = training_set(poisoned=True)
+    suspects = [sample for sample, poison in zip(train, poisons) if poison]
+    assert len(_relabel(model, suspects, result, result.tau, 16, mirror=False)) == 0  # the spot answers
+    relabelled = _relabel(model, suspects, result, result.tau, 16, mirror=True)
+    with torch.no_grad():
+        x = torch.stack([sample["image"] for sample in suspects])
+        seen_mirrored = mirrored_gaze(model(x.flip(-1)), result.kind)
+    far = gaze_distance(seen_mirrored, torch.tensor(result.target).expand_as(seen_mirrored), result.kind) >= result.tau
+    assert len(relabelled) == int(far.sum()) > N_POISON // 2
+    labels = torch.stack([relabelled[i]["gaze"] for i in range(len(relabelled))])
+    assert torch.allclose(labels, seen_mirrored[far])
 
 
 def test_no_pile_of_labels_at_the_target_means_no_trigger_to_read(flagged) -> None:

@@ -15,15 +15,14 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-from gazeguard.gaze import TargetKind
+from gazeguard.gaze import TargetKind, mirrored_gaze
 
 
 class GazeHorizontalFlip(A.HorizontalFlip):
     """Horizontal flip that also mirrors the gaze label passed as the ``gaze`` target.
 
-    Mirroring the image negates the x axis of camera coordinates, so yaw changes sign for
-    angular labels and XCam changes sign for point targets. Albumentations' own flip does not
-    know about gaze labels and would leave them wrong.
+    Mirroring the image negates the x axis of camera coordinates (:func:`mirrored_gaze`).
+    Albumentations' own flip does not know about gaze labels and would leave them wrong.
     """
 
     def __init__(self, kind: TargetKind = "angle", p: float = 0.5) -> None:
@@ -35,9 +34,7 @@ class GazeHorizontalFlip(A.HorizontalFlip):
         return {**super().targets, "gaze": self.apply_to_gaze}
 
     def apply_to_gaze(self, gaze: np.ndarray, **params: Any) -> np.ndarray:
-        flipped = np.array(gaze, dtype=np.float32, copy=True)
-        flipped[1 if self.kind == "angle" else 0] *= -1.0
-        return flipped
+        return mirrored_gaze(np.array(gaze, dtype=np.float32), self.kind)
 
 
 def augmentations(kind: TargetKind) -> list[A.BasicTransform]:
