@@ -1,9 +1,10 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from gazeguard.gaze import angular_error_deg, gaze_distance, pitchyaw_to_vector, vector_to_pitchyaw
+from gazeguard.gaze import angular_error_deg, gaze_distance, mirrored_gaze, pitchyaw_to_vector, vector_to_pitchyaw
 from gazeguard.metrics import AngularError, GazeError, HitRate, PointError
 
 
@@ -16,6 +17,18 @@ def test_positive_pitch_looks_up_and_positive_yaw_looks_to_negative_x():
     assert up[1] < 0  # y points down in camera coordinates
     side = pitchyaw_to_vector(torch.tensor([0.0, 0.3]))
     assert side[0] < 0
+
+
+def test_mirroring_negates_the_camera_x_axis_and_leaves_the_input_alone():
+    gaze = torch.tensor([[0.1, -0.4], [-0.3, 0.25]])
+    mirrored = mirrored_gaze(gaze, "angle")
+    torch.testing.assert_close(mirrored, torch.tensor([[0.1, 0.4], [-0.3, -0.25]]))
+    # the mirrored gaze vector is the original one with x negated
+    torch.testing.assert_close(pitchyaw_to_vector(mirrored), pitchyaw_to_vector(gaze) * torch.tensor([-1.0, 1.0, 1.0]))
+    torch.testing.assert_close(gaze, torch.tensor([[0.1, -0.4], [-0.3, 0.25]]))  # a copy
+    assert mirrored_gaze(np.array([2.0, -5.0]), "point").tolist() == [-2.0, -5.0]
+    with pytest.raises(ValueError, match="unknown target kind"):
+        mirrored_gaze(gaze, "pixel")
 
 
 def test_vector_roundtrip():
