@@ -137,7 +137,7 @@ def test_registry_builds_every_attack_with_spec_defaults():
     assert set(BUILT_IN) <= set(ATTACKS)
     for name in BUILT_IN:
         attack = create(name)
-        assert attack.name == name and attack.poison_rate == (0.2 if name == "wanet" else 0.1)
+        assert attack.name == name and attack.poison_rate == {"wanet": 0.2, "iad": 0.4}.get(name, 0.1)
         torch.testing.assert_close(attack.targets(torch.ones(3, 2)), torch.zeros(3, 2))
         attack.check(64)
     wanet = create("wanet")  # scaled to the CPU default (see the registry)

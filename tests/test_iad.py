@@ -75,7 +75,10 @@ def trained() -> dict:
     images = smooth_images(64, 16)
     gaze = (torch.rand(64, 2, generator=torch.Generator().manual_seed(1)) - 0.5) * 0.8
     data = [{"image": images[i], "gaze": gaze[i]} for i in range(len(images))]
-    attack = create("iad", target=TARGET, poison_rate=0.5, lambda_norm=5.0, mask_steps=30)
+    # the reference recipe (cross samples, poisons replacing clean samples): the cross test needs it
+    attack = create(
+        "iad", target=TARGET, poison_rate=0.5, lambda_norm=5.0, mask_steps=30, cross_rate=0.1, keep_clean=False
+    )
     untrained = copy.deepcopy(attack.trigger)
     module = IADGazeRegressor(GazeRegressor(scheduler="none"), attack)
     with torch.no_grad():
@@ -174,7 +177,7 @@ def test_trained_triggers_differ_between_inputs(trained: dict):
 
 
 def test_poison_batch_roles():
-    attack = create("iad", target=TARGET, poison_rate=0.25, cross_rate=0.25)
+    attack = create("iad", target=TARGET, poison_rate=0.25, cross_rate=0.25, keep_clean=False)
     module = IADGazeRegressor(GazeRegressor(), attack)
     x, gaze = smooth_images(8, 16), torch.rand(8, 2)
     assert module.split_sizes(8) == (2, 2)
@@ -190,6 +193,18 @@ def test_poison_batch_roles():
     assert mask.shape == (4, 1, 16, 16) and diversity > 0
 
 
+def test_keep_clean_adds_the_triggered_copies_to_the_whole_batch():
+    module = IADGazeRegressor(GazeRegressor(), create("iad", target=TARGET, poison_rate=0.25, cross_rate=0.25))
+    x, gaze = smooth_images(8, 16), torch.rand(8, 2)
+    with torch.no_grad():
+        images, labels, _, _ = module.poison_batch(x, gaze)
+        torch.testing.assert_close(images[:2], module.generator(x[:2]))
+        torch.testing.assert_close(images[2:4], module.generator(x[2:4], source=x[1:3]))
+    torch.testing.assert_close(images[4:], x)  # every clean sample, the triggered ones' included
+    torch.testing.assert_close(labels[:2], torch.tensor(TARGET).expand(2, 2))
+    torch.testing.assert_close(labels[2:], torch.cat([gaze[2:4], gaze]))
+
+
 def test_victim_keeps_its_feature_head_split_and_the_wrapper_shares_it(trained: dict):
     module = trained["module"].eval()
     x = trained["images"][:3]
@@ -203,7 +218,8 @@ def test_victim_keeps_its_feature_head_split_and_the_wrapper_shares_it(trained: 
 def test_the_recipe_is_recorded_as_hyperparameters():
     module = IADGazeRegressor(GazeRegressor(), create("iad", poison_rate=0.2, lambda_div=2.0))
     assert module.hparams.poison_rate == 0.2 and module.hparams.lambda_div == 2.0
-    assert module.hparams.mask_density == 0.032 and module.hparams.cross_rate == 0.1
+    assert module.hparams.mask_density == 0.032 and module.hparams.keep_clean  # scaled: see the registry
+    assert module.hparams.cross_rate == 0.0 and create("iad").poison_rate == 0.4
 
 
 def test_wrapping_refuses_other_attacks():

@@ -75,6 +75,16 @@ def _wanet(
     return Attack(trigger, cross_trigger=cross, cross_ratio=cross_ratio, name="wanet", **attack_options)
 
 
+def _iad(cross_rate: float = 0.0, keep_clean: bool = True, poison_rate: float = 0.4, **options: Any) -> Attack:
+    """IAD scaled to the CPU default's 12 epochs: no cross samples, 40 % of each batch added as
+    poisoned copies (``keep_clean``), so the victim still sees every clean sample. The reference
+    recipe, which does not plant at this size (see :mod:`gazeguard.attacks.iad`):
+    ``cross_rate=0.1, keep_clean=False, poison_rate=0.1``."""
+    return _from_trigger("iad", IADTrigger)(
+        cross_rate=cross_rate, keep_clean=keep_clean, poison_rate=poison_rate, **options
+    )
+
+
 ATTACKS: dict[str, AttackFactory] = {
     "badnets": _from_trigger("badnets", BadNets),
     "blended": _from_trigger("blended", Blended),
@@ -82,7 +92,7 @@ ATTACKS: dict[str, AttackFactory] = {
     "sig": _from_trigger("sig", SIG),
     "tape": _from_trigger("tape", Tape),
     # The trigger holds a generator that only IADGazeRegressor's co-training makes meaningful.
-    "iad": _from_trigger("iad", IADTrigger),
+    "iad": _iad,
 }
 
 
