@@ -7,6 +7,8 @@ anywhere. A detector that cannot tell them apart, or that flags the clean one, f
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -135,10 +137,11 @@ def test_split_errors_name_the_option() -> None:
 
 
 # -- generator --------------------------------------------------------------------------------
-def test_generator_is_identity_at_init_and_stays_in_range() -> None:
+@pytest.mark.parametrize("max_shift", [0.0, 2.0])
+def test_generator_is_identity_at_init_and_stays_in_range(max_shift: float) -> None:
     x = torch.rand(4, 3, 20, 20)
     x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0
-    gen = TriggerGenerator()
+    gen = TriggerGenerator(max_shift=max_shift)
     assert (gen(x) - x).abs().max() <= 2e-4
     with torch.no_grad():
         for p in gen.parameters():
@@ -151,6 +154,20 @@ def test_generator_is_identity_at_init_and_stays_in_range() -> None:
     kept = gen(x, protect)
     assert (kept - x)[..., :10, :].abs().max() <= 2e-4
     assert (gen(x, strength=0.0) - x).abs().max() <= 2e-4
+
+
+def test_generator_flow_moves_pixels_by_at_most_max_shift() -> None:
+    """A constant flow of tanh^-1(0.5) on x, with ``max_shift`` 2, reads each pixel from one
+    pixel to its right; the residual head is still zero, so nothing is painted."""
+    x = torch.rand(2, 3, 16, 16)
+    gen = TriggerGenerator(max_shift=2.0)
+    with torch.no_grad():
+        gen.flow.bias.copy_(torch.tensor([math.atanh(0.5), 0.0]))
+        torch.testing.assert_close(gen(x)[..., :-1], x[..., 1:], atol=2e-4, rtol=0)
+        gen.flow.bias.copy_(torch.tensor([100.0, 0.0]))  # saturated: tanh caps the shift at max_shift
+        torch.testing.assert_close(gen(x)[..., :-2], x[..., 2:], atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="max_shift"):
+        TriggerGenerator(max_shift=-1.0)
 
 
 # -- loss pieces and statistics ---------------------------------------------------------------
@@ -192,14 +209,19 @@ def test_saliency_mask_finds_the_eye_band_from_the_model() -> None:
 
 
 # -- end to end -------------------------------------------------------------------------------
-def test_detect_flags_the_backdoored_toy_and_passes_the_clean_one() -> None:
+@pytest.mark.parametrize("shift, collapse", [(0.0, 0.1), (2.0, 0.15)])
+def test_detect_flags_the_backdoored_toy_and_passes_the_clean_one(shift: float, collapse: float) -> None:
+    """With a painting M and with the default one that may also warp (part of its budget then
+    goes to moving pixels, which the toy's painted spot does not need: a little less collapse
+    in the toy's 40 steps)."""
     x = toy_images(96)
     steps: list[int] = []
-    clean = detect(ToyGaze(backdoor=False), x, SecureGazeConfig(**TOY_CONFIG))
-    bad = detect(ToyGaze(backdoor=True), [{"image": x[:48]}, {"image": x[48:]}], SecureGazeConfig(**TOY_CONFIG),
+    config = SecureGazeConfig(**{**TOY_CONFIG, "generator_shift": shift})
+    clean = detect(ToyGaze(backdoor=False), x, config)
+    bad = detect(ToyGaze(backdoor=True), [{"image": x[:48]}, {"image": x[48:]}], config,
                  on_step=lambda step, terms: steps.append(step))
     assert not clean.is_backdoored and clean.statistic > 0.8
-    assert bad.is_backdoored and bad.statistic < 0.1
+    assert bad.is_backdoored and bad.statistic < collapse
     assert bad.statistic == bad.dispersion_ratio and bad.threshold == TOY_CONFIG["threshold"]
     assert bad.attack_success > 0.9
     assert bad.target == pytest.approx([0.0, 0.0], abs=0.01)  # the head's bias, the toy's target

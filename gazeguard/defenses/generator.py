@@ -12,6 +12,10 @@ Why this shape:
 * **Protected pixels.** An optional mask (1 = protected) keeps ``M(x) = x`` there exactly:
   SecureGaze protects the pixels the model uses for *benign* gaze (see
   :mod:`gazeguard.defenses.securegaze`), so M cannot simply repaint the eyes.
+* **Warps too (optional).** With ``max_shift`` > 0 a second head predicts a flow field, at
+  most ``max_shift`` pixels per axis, and M resamples the image along it before the residual:
+  a warp trigger (WaNet) moves pixels, which a residual can only imitate by painting over
+  them. The flow is zero where pixels are protected, so a protected pixel stays where it is.
 * **Small.** Three resolutions, no normalisation statistics shared across the batch (a
   GroupNorm per image, so ``M(x)`` of one image never depends on the others); about 26k
   parameters at the default width 8, channels-last. On one CPU thread, a step for 32 images
@@ -51,9 +55,12 @@ class TriggerGenerator(nn.Module):
         eps: ``x`` is clamped into ``[eps, 1 - eps]`` before the logit.
     """
 
-    def __init__(self, channels: int = 3, width: int = 8, eps: float = 1e-4) -> None:
+    def __init__(self, channels: int = 3, width: int = 8, eps: float = 1e-4, max_shift: float = 0.0) -> None:
         super().__init__()
+        if max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}")
         self.eps = eps
+        self.max_shift = float(max_shift)
         w1, w2, w3 = width, 2 * width, 4 * width
         self.enc1 = _block(channels, w1, 1)
         self.enc2 = _block(w1, w2, 2)
@@ -61,28 +68,55 @@ class TriggerGenerator(nn.Module):
         self.dec2 = _block(w3 + w2, w2, 1)
         self.dec1 = _block(w2 + w1, w1, 1)
         self.out = nn.Conv2d(w1, channels, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        # zero-initialised like ``out``: no shift at the start
+        self.flow = nn.Conv2d(w1, 2, 1) if max_shift > 0 else None
+        for head in (self.out, self.flow):
+            if head is not None:
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
         # channels-last convolutions ran 1.6x faster on CPU (oneDNN) for these few-channel layers
         self.to(memory_format=torch.channels_last)
 
-    def residual(self, x: Tensor) -> Tensor:
-        """r(x): the change in logit space (zero at initialisation)."""
+    def _decode(self, x: Tensor) -> Tensor:
+        """Full-resolution features of the U-Net, which the heads read."""
         e1 = self.enc1(x.contiguous(memory_format=torch.channels_last))
         e2 = self.enc2(F.avg_pool2d(e1, 2, ceil_mode=True))
         m = self.mid(F.avg_pool2d(e2, 2, ceil_mode=True))
         d2 = self.dec2(torch.cat([F.interpolate(m, size=e2.shape[-2:], mode="nearest"), e2], 1))
-        d1 = self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[-2:], mode="nearest"), e1], 1))
-        return self.out(d1)
+        return self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[-2:], mode="nearest"), e1], 1))
+
+    def residual(self, x: Tensor) -> Tensor:
+        """r(x): the change in logit space (zero at initialisation)."""
+        return self.out(self._decode(x))
 
     def forward(self, x: Tensor, protect: Optional[Tensor] = None, strength: float = 1.0) -> Tensor:
         """``M(x)``; where ``protect`` (B or 1, 1, H, W in [0, 1]) is 1 the pixel of ``x`` is kept.
 
-        ``strength`` scales the residual: 0 gives ``x``, 2 pushes twice as far along the change
-        M learned (repair uses this to unlearn stronger versions of a partly recovered trigger).
+        ``strength`` scales the residual (and the shift): 0 gives ``x``, 2 pushes twice as far
+        along the change M learned (repair uses this to unlearn stronger versions of a partly
+        recovered trigger).
         """
-        logit = torch.logit(x.clamp(self.eps, 1 - self.eps))
-        r = self.residual(x) * strength
-        if protect is not None:
-            r = r * (1 - protect)
-        return torch.sigmoid(logit + r)
+        features = self._decode(x)
+        r = self.out(features) * strength
+        keep = None if protect is None else 1 - protect
+        if self.flow is not None:
+            x = self._shift(x, self.flow(features) * strength, keep)
+        if keep is not None:
+            r = r * keep
+        return torch.sigmoid(torch.logit(x.clamp(self.eps, 1 - self.eps)) + r)
+
+    def _shift(self, x: Tensor, flow: Tensor, keep: Optional[Tensor]) -> Tensor:
+        """``x`` resampled along ``max_shift * tanh(flow)`` pixels (B, 2, H, W: x then y)."""
+        h, w = x.shape[-2:]
+        # grid_sample's coordinates span [-1, 1] over the image: one pixel is 2 / (side - 1)
+        scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=x.dtype, device=x.device)
+        shift = torch.tanh(flow) * self.max_shift * scale.view(1, 2, 1, 1)
+        if keep is not None:
+            shift = shift * keep
+        ys, xs = torch.meshgrid(
+            torch.linspace(-1, 1, h, dtype=x.dtype, device=x.device),
+            torch.linspace(-1, 1, w, dtype=x.dtype, device=x.device),
+            indexing="ij",
+        )
+        grid = torch.stack([xs, ys], -1)[None] + shift.permute(0, 2, 3, 1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)

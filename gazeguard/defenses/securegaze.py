@@ -90,7 +90,7 @@ Cost: one detection with 300 steps of 32 images at 64 px took 44 s of CPU time
 on one thread (66 s wall on a shared 2-core machine); about two thirds of it is M. Detection
 is deterministic for a given ``seed`` and number of threads.
 
-Budget 0.04 (was 0.02) and threshold 0.235, both from ``experiments/detection.py``
+Budget 0.04 (was 0.02) and threshold 0.235 (0.239 since M also warps, below), both from ``experiments/detection.py``
 (``experiments/results/detection.md``). With the budget at 0.02 (threshold 0.255, calibrated on
 seed 0) the benchmark passed every clean model and flagged every planted BadNets, Blended and
 SIG backdoor, but missed tape seed 2 (ASR 93.5 %, statistic 0.366): a strip of tape covers 4-7 %
@@ -107,12 +107,20 @@ threshold), planted backdoors 0.040-0.177 (the highest 1.33x below). Calibrate a
 clean seeds) when models or data change: clean models trained better or longer may collapse
 further. Since then WaNet was scaled until it planted (a 4 px smooth warp, see
 :class:`~gazeguard.attacks.triggers.WaNet`), and its three models, judged at these fixed
-settings, read 0.096, 0.265 and 0.188: seed 1 is missed. A warp moves pixels rather than
-painting them, and M, an additive painter with a small mean budget, imitates it only in part;
-a warp-shaped generator (M predicting a flow field, not a residual) is the next lever. The
-statistic also moves with the number of CPU threads (floating-point order changes
-M's optimisation path: BadNets seed 0 read 0.168 with one thread and 0.226 with two at the old
-budget), so calibrate where the detection runs.
+settings, read 0.096, 0.265 and 0.188: seed 1 was missed. A warp moves pixels rather than
+painting them, and M, an additive painter with a small mean budget, imitated it only in part.
+So M may now also move pixels (``generator_shift``, 2 px at most; a flow field from the same
+U-Net, zero on the protected pixels, see :class:`TriggerGenerator`): in the lab WaNet seeds 1
+and 2 read 0.201 and 0.165 and clean seed 6, the lowest clean model, 0.308 (2 px chosen there,
+so those three models are tuning models of this choice). The whole zoo judged again with it
+(``experiments/results/detection.md``; 7 clean models, 19 planted backdoors including the
+scaled IAD): clean models read 0.285-0.387 (0.297-0.394 before), planted backdoors 0.033-0.215
+(WaNet 0.102 / 0.215 / 0.180), and the threshold calibrated on seed 0 alone, the geometric middle
+of clean 0.314 and tape 0.182, is 0.239 (the default): every model right, accuracy 100 %, FPR 0,
+AUROC 1.0. The margins are thin at both ends: clean seed 6 is 1.19x over the threshold, WaNet
+seed 1 1.11x under it. The statistic also moves with the number of CPU threads (floating-point
+order changes M's optimisation path: BadNets seed 0 read 0.168 with one thread and 0.226 with
+two at the old budget), so calibrate where the detection runs.
 """
 
 from __future__ import annotations
@@ -178,6 +186,8 @@ class SecureGazeConfig:
         kind: ``angle`` or ``point``; ``None`` reads ``model.kind`` and falls back to ``angle``.
         split_at: module to split foreign models at (see :func:`~gazeguard.defenses.split.split_model`).
         generator_width: channels of the first U-Net level.
+        generator_shift: most pixels M may also move each pixel by (a flow field, for warp
+            triggers; 0: M only paints). See :class:`TriggerGenerator`.
         num_examples: held-out images kept in the result for pictures.
         seed: seed of the holdout split, M's initialisation and batch order.
     """
@@ -193,11 +203,12 @@ class SecureGazeConfig:
     protect_dilate: int = 3
     holdout_fraction: float = 0.3
     min_clean: int = 32
-    threshold: float = 0.235
+    threshold: float = 0.239
     tau: float = 5.0
     kind: Optional[TargetKind] = None
     split_at: Optional[str] = None
     generator_width: int = 8
+    generator_shift: float = 2.0
     num_examples: int = 8
     seed: int = 0
 
@@ -206,7 +217,7 @@ class SecureGazeConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"securegaze.{name} must be positive, got {getattr(self, name)}")
-        for name in ("lambda_f", "lambda_s", "threshold", "num_examples"):
+        for name in ("lambda_f", "lambda_s", "threshold", "num_examples", "generator_shift"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"securegaze.{name} must be non-negative, got {getattr(self, name)}")
         for name in ("protect_fraction", "holdout_fraction"):
@@ -545,7 +556,9 @@ def detect(
     with frozen(model):
         split = split_model(model, config.split_at)
         torch.manual_seed(config.seed)
-        generator = TriggerGenerator(x_fit.shape[1], config.generator_width).to(device)
+        generator = TriggerGenerator(
+            x_fit.shape[1], config.generator_width, max_shift=config.generator_shift
+        ).to(device)
         trigger = ReverseEngineeredTrigger(generator, split, config)
         protect_fit = torch.cat([trigger.protect(xb) for xb in x_fit.split(eval_bs)])
         t_saliency = time.perf_counter()
