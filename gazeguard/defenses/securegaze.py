@@ -90,38 +90,37 @@ Cost: one detection with 300 steps of 32 images at 64 px took 44 s of CPU time
 on one thread (66 s wall on a shared 2-core machine); about two thirds of it is M. Detection
 is deterministic for a given ``seed`` and number of threads.
 
-Budget 0.04 (was 0.02) and threshold 0.235 (0.239 since M also warps, below), both from ``experiments/detection.py``
-(``experiments/results/detection.md``). With the budget at 0.02 (threshold 0.255, calibrated on
-seed 0) the benchmark passed every clean model and flagged every planted BadNets, Blended and
-SIG backdoor, but missed tape seed 2 (ASR 93.5 %, statistic 0.366): a strip of tape covers 4-7 %
-of the face with a change of about half the pixel range, so drawing it whole costs M a mean
-|M(x) - x| of 0.02-0.04, at or over that budget, and a half-drawn strip triggers the model only
-partly. At 0.03 that model read 0.308, at 0.04 0.127, while the lowest clean model then (seed 1)
-stayed at 0.343-0.383: protecting the salient pixels, not the budget, is what keeps clean
-models from collapsing. With the budget at 0.04, the threshold was calibrated again on seed 0
-alone (geometric middle of the clean model, 0.319, and the highest planted backdoor, tape
-0.173) and the whole zoo judged again: all 20 models right, calibration seed, the seeds looked
-at while choosing the budget (1, 2) and fresh models trained afterwards (seed 3 of every
-attack, clean seeds 3-6) alike. Clean models read 0.297-0.394 (the lowest 1.26x above the
-threshold), planted backdoors 0.040-0.177 (the highest 1.33x below). Calibrate again (on more
-clean seeds) when models or data change: clean models trained better or longer may collapse
-further. Since then WaNet was scaled until it planted (a 4 px smooth warp, see
+Budget 0.04 (was 0.02) and threshold 0.235 (0.239 since M also warps, below), both from
+``experiments/detection.py`` (``experiments/results/detection.md``). With the budget at 0.02
+(threshold 0.255, calibrated on seed 0) the benchmark passed every clean model and flagged every
+planted BadNets, Blended and SIG backdoor, but missed tape seed 2 (ASR 93.5 %, statistic 0.366):
+a strip of tape covers 4-7 % of the face with a change of about half the pixel range, so drawing
+it whole costs M a mean |M(x) - x| of 0.02-0.04, at or over that budget, and a half-drawn strip
+triggers the model only partly. At 0.03 that model read 0.308, at 0.04 0.127, while the lowest
+clean model then (seed 1) stayed at 0.343-0.383: protecting the salient pixels, not the budget,
+is what keeps clean models from collapsing. With the budget at 0.04, the threshold was
+calibrated again on seed 0 alone (geometric middle of the clean model, 0.319, and the highest
+planted backdoor, tape 0.173) and the whole zoo judged again: all 20 models right, calibration
+seed, the seeds looked at while choosing the budget (1, 2) and fresh models trained afterwards
+(seed 3 of every attack, clean seeds 3-6) alike. Clean models read 0.297-0.394 (the lowest 1.26x
+above the threshold), planted backdoors 0.040-0.177 (the highest 1.33x below). Calibrate again
+(on more clean seeds) when models or data change: clean models trained better or longer may
+collapse further. Since then WaNet was scaled until it planted (a 4 px smooth warp, see
 :class:`~gazeguard.attacks.triggers.WaNet`), and its three models, judged at these fixed
 settings, read 0.096, 0.265 and 0.188: seed 1 was missed. A warp moves pixels rather than
-painting them, and M, an additive painter with a small mean budget, imitated it only in part.
-So M may now also move pixels (``generator_shift``, 2 px at most; a flow field from the same
-U-Net, zero on the protected pixels, see :class:`TriggerGenerator`): in the lab WaNet seeds 1
-and 2 read 0.201 and 0.165 and clean seed 6, the lowest clean model, 0.308 (2 px chosen there,
-so those three models are tuning models of this choice). The whole zoo judged again with it
-(``experiments/results/detection.md``; 7 clean models, 19 planted backdoors including the
-scaled IAD): clean models read 0.285-0.387 (0.297-0.394 before), planted backdoors 0.033-0.215
-(WaNet 0.102 / 0.215 / 0.180), and the threshold calibrated on seed 0 alone, the geometric middle
-of clean 0.314 and tape 0.182, is 0.239 (the default): every model right, accuracy 100 %, FPR 0,
+painting them, and M, an additive painter with a small mean budget, imitated it only in part. So
+M may now also move pixels (``generator_shift``, 2 px at most; a flow field from the same U-Net,
+zero on the protected pixels, see :class:`TriggerGenerator`): in the lab WaNet seeds 1 and 2
+read 0.201 and 0.165 and clean seed 6, the lowest clean model, 0.308 (2 px chosen there, so
+those three models are tuning models of this choice). The whole zoo judged again with it
+(``experiments/results/detection.md``; 7 clean models, 19 planted backdoors including the scaled
+IAD): clean models read 0.285-0.387 (0.297-0.394 before), planted backdoors 0.033-0.215 (WaNet
+0.102 / 0.215 / 0.180), and the threshold calibrated on seed 0 alone, the geometric middle of
+clean 0.314 and tape 0.182, is 0.239 (the default): every model right, accuracy 100 %, FPR 0,
 AUROC 1.0. The margins are thin at both ends: clean seed 6 is 1.19x over the threshold, WaNet
 seed 1 1.11x under it. The statistic also moves with the number of CPU threads (floating-point
 order changes M's optimisation path: BadNets seed 0 read 0.168 with one thread and 0.226 with
-two at the old budget), so calibrate where the detection runs.
-"""
+two at the old budget), so calibrate where the detection runs. """
 
 from __future__ import annotations
 
