@@ -102,4 +102,7 @@ def repair_summary(repair: dict[str, Any]) -> str:
         return (f"repair: on the training data, {repair['suspects']} samples labelled at the inferred target "
                 f"held out as suspected poisons ({repair['kept']} kept), the trigger read off them, "
                 f"{repair['relabelled']} relabelled with the repaired model's gaze ({repair['seconds']:.0f} s)")
+    if repair.get("method") == "clean-training":
+        return (f"repair: on {repair['images']} clean training images with M(x) re-found at budget "
+                f"{repair['refind_budget']} ({repair['why']}; {repair['seconds']:.0f} s)")
     return f"repair: on the clean split with M(x) ({repair.get('why', 'clean split')}; {repair['seconds']:.0f} s)"
