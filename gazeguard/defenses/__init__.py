@@ -39,6 +39,7 @@ from gazeguard.defenses.training_repair import (
     check_repair_data,
     find_suspects,
     repair_flagged,
+    repair_on_clean_training_data,
     repair_with_training_data,
 )
 
@@ -67,6 +68,7 @@ __all__ = [
     "output_variance_ratio",
     "repair",
     "repair_flagged",
+    "repair_on_clean_training_data",
     "repair_with_training_data",
     "saliency_mask",
     "split_model",

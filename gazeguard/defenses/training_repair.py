@@ -188,7 +188,8 @@ from gazeguard.evaluate import batch_images
 from gazeguard.gaze import gaze_distance, mirrored_gaze
 
 __all__ = ["REPAIR_DATA", "NoSuspectsError", "Suspects", "TrainingRepairConfig", "TrainingRepairResult",
-           "check_repair_data", "find_suspects", "repair_flagged", "repair_with_training_data"]
+           "check_repair_data", "find_suspects", "repair_flagged", "repair_on_clean_training_data",
+           "repair_with_training_data"]
 
 #: What a repair may fine-tune on (see :func:`repair_flagged`).
 REPAIR_DATA = ("auto", "training", "clean")
