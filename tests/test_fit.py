@@ -95,6 +95,8 @@ def test_bad_attack_options_fail_before_training(tmp_path: Path, capsys):
 def test_fit_with_defense_detects_repairs_and_reports(tmp_path: Path, capsys):
     import json
 
+    from gazeguard.callbacks.report import repair_summary
+
     args = tiny_args(
         tmp_path, "--attack", "blended", "--attack.poison_rate", "0.3", "--data.defender_fraction", "0.4",
         "--defense", "securegaze", "--defense.detection.steps", "5", "--defense.detection.min_clean", "8",
@@ -107,7 +109,9 @@ def test_fit_with_defense_detects_repairs_and_reports(tmp_path: Path, capsys):
     assert "verdict: backdoored" in out and report["verdict"] == "backdoored"
     assert any(line.startswith("ASR@5deg") for line in out)
     assert set(report["after"]) >= {"benign_error", "attack_error", "asr", "robust_error"}
-    assert f"repair: on the {'training data' if report['repair']['method'] == 'training' else 'clean split'}" in "\n".join(out)
+    # the tiny data's random target may or may not carry the label pile: any repair route, printed
+    assert report["repair"]["method"] in ("training", "clean-training", "clean")
+    assert repair_summary(report["repair"]) in out
     folder = Path(summary["checkpoint"]).parent
     saved = json.loads((folder / "securegaze_report.json").read_text())
     assert saved["verdict"] == "backdoored" and saved["statistic"] == pytest.approx(report["statistic"])
