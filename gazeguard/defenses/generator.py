@@ -113,10 +113,6 @@ class TriggerGenerator(nn.Module):
         shift = torch.tanh(flow) * self.max_shift * scale.view(1, 2, 1, 1)
         if keep is not None:
             shift = shift * keep
-        ys, xs = torch.meshgrid(
-            torch.linspace(-1, 1, h, dtype=x.dtype, device=x.device),
-            torch.linspace(-1, 1, w, dtype=x.dtype, device=x.device),
-            indexing="ij",
-        )
-        grid = torch.stack([xs, ys], -1)[None] + shift.permute(0, 2, 3, 1)
+        identity = torch.eye(2, 3, dtype=x.dtype, device=x.device).expand(len(x), 2, 3)
+        grid = F.affine_grid(identity, list(x.shape), align_corners=True) + shift.permute(0, 2, 3, 1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)

@@ -181,7 +181,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from gazeguard.defenses.repair import RepairConfig, repair
+from gazeguard.defenses.repair import RepairConfig, RepairResult, repair
 from gazeguard.defenses.securegaze import (
     CleanSet,
     DetectionResult,
@@ -537,9 +537,13 @@ def repair_flagged(
                 )
     config = dataclasses.replace(clean_config or RepairConfig(), in_place=False)
     fixed_clean = repair(model, clean, detection, config)
-    return fixed_clean.model, {"method": "clean", "why": reason, "labels": fixed_clean.labels,
-                               "clean_loss": fixed_clean.clean_loss, "trigger_loss": fixed_clean.trigger_loss,
+    return fixed_clean.model, {"method": "clean", "why": reason, **_unlearning_details(fixed_clean),
                                "seconds": fixed_clean.seconds}
+
+
+def _unlearning_details(fixed: RepairResult) -> dict[str, Any]:
+    """What the report keeps of an M(x) unlearning run: its labels and losses."""
+    return {"labels": fixed.labels, "clean_loss": fixed.clean_loss, "trigger_loss": fixed.trigger_loss}
 
 
 def repair_on_clean_training_data(
@@ -567,5 +571,4 @@ def repair_on_clean_training_data(
     fixed = repair(model, images, refound, repair_config)
     return fixed.model, {"method": "clean-training", "why": why, "images": count,
                          "refind_budget": config.refind_budget, "refound_statistic": refound.statistic,
-                         "labels": fixed.labels, "clean_loss": fixed.clean_loss, "trigger_loss": fixed.trigger_loss,
-                         "seconds": time.perf_counter() - start}
+                         **_unlearning_details(fixed), "seconds": time.perf_counter() - start}
