@@ -1,3 +1,4 @@
+import pickle
 from pathlib import Path
 
 import h5py
@@ -123,3 +124,37 @@ def test_bad_options_fail_before_training(tiny_h5: Path):
         GazeDataModule("mpii", root=str(tiny_h5)).setup()
     with pytest.raises(ConfigError, match="data.val_fraction"):
         GazeDataModule(val_fraction=1.5)
+    with pytest.raises(ConfigError, match="data.memory_mb"):
+        GazeDataModule(memory_mb=-1)
+
+
+def test_images_kept_in_memory_up_to_the_budget(tiny_h5: Path, monkeypatch: pytest.MonkeyPatch):
+    """Kept images are served without touching the file, read-only, within the byte budget,
+    and not shipped to worker processes (pickling drops them)."""
+    source = MPIIFaceGazeH5(tiny_h5)
+    image_bytes = source.read_image(0).nbytes
+    source.keep_in_memory(3 * image_bytes)
+    first = [source.read_image(i) for i in range(5)]
+    assert pickle.loads(pickle.dumps(source))._memory == {}
+    reads = []
+    monkeypatch.setattr(source, "_read", lambda handle, index: reads.append(index) or first[index].copy())
+    again = [source.read_image(i) for i in range(5)]
+    assert reads == [3, 4]  # only three fit
+    assert all(again[i] is first[i] for i in range(3))
+    with pytest.raises(ValueError, match="read-only"):
+        again[0][0, 0, 0] = 1
+    source.keep_in_memory(0)
+    source.read_image(0)
+    assert reads == [3, 4, 0]
+
+
+def test_datamodule_keeps_images_in_memory_with_unchanged_batches(tiny_h5: Path):
+    def first_batch(memory_mb: int) -> torch.Tensor:
+        torch.manual_seed(0)  # the shuffle
+        dm = GazeDataModule("mpiifacegaze", root=str(tiny_h5), batch_size=8, memory_mb=memory_mb)
+        dm.setup()
+        for _ in range(2):  # the second epoch reads from memory
+            batch = next(iter(dm.train_dataloader()))
+        return batch["image"]
+
+    assert torch.equal(first_batch(0), first_batch(1))

@@ -4,6 +4,11 @@ A :class:`GazeSource` keeps the labels of a dataset in memory (they are small) a
 lazily, one sample at a time. The file handle is opened on first use *in each process* and
 dropped when the source is pickled, so DataLoader workers each open their own handle (HDF5
 handles must not be shared across ``fork``).
+
+Images read once can be kept in memory up to a byte budget (:meth:`GazeSource.keep_in_memory`):
+on the 64 px synthetic default a read from HDF5 costs about as much as the whole augmentation
+pipeline (0.25 ms against 0.27 ms per sample on the 2-core machine), and training, SecureGaze's
+repair and every evaluation read the same few thousand images again and again.
 """
 
 from __future__ import annotations
@@ -58,6 +63,19 @@ class GazeSource(ABC):
         self.splits = None if splits is None else np.asarray(splits)
         self._handle: Any = None
         self._handle_pid: Optional[int] = None
+        self._memory: dict[int, np.ndarray] = {}
+        self._memory_budget = 0
+        self._memory_used = 0
+
+    def keep_in_memory(self, max_bytes: int) -> None:
+        """Keep images read from now on in memory, until they take ``max_bytes`` (then the rest
+        is read from disk every time; nothing is evicted, so which images stay is fixed by the
+        order of first reads). ``0`` turns it off and frees what is kept."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self._memory_budget = max_bytes
+        if max_bytes == 0:
+            self._memory, self._memory_used = {}, 0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,6 +93,10 @@ class GazeSource(ABC):
         """Read one image as ``(H, W, 3)`` uint8 **RGB**."""
 
     def read_image(self, index: int) -> np.ndarray:
+        """Image ``index`` as ``(H, W, 3)`` uint8 RGB (read-only when kept in memory)."""
+        kept = self._memory.get(index)
+        if kept is not None:
+            return kept
         if self._handle is None or self._handle_pid != os.getpid():
             self._handle = self._open()
             self._handle_pid = os.getpid()
@@ -84,10 +106,15 @@ class GazeSource(ABC):
                 f"{self.path}: {self.describe(index)} is not an HxWx3 uint8 image "
                 f"(shape {image.shape}, dtype {image.dtype})"
             )
+        if self._memory_used + image.nbytes <= self._memory_budget:
+            image.flags.writeable = False  # shared by every later read: nobody may paint on it
+            self._memory[index] = image
+            self._memory_used += image.nbytes
         return image
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_handle"] = None
         state["_handle_pid"] = None
+        state["_memory"], state["_memory_used"] = {}, 0  # each worker process fills its own
         return state
