@@ -148,6 +148,8 @@ class RepairConfig:
             ``true`` (require labels) or ``pseudo`` (always the model's prediction on x).
         in_place: fine-tune ``model`` itself instead of a copy.
         min_clean: fewest clean images accepted.
+        anneal: anneal the learning rate to zero over the fine-tune (cosine) instead of keeping
+            it constant, so that the last, noisy steps do not decide the benign error.
         seed: seed of the batch order.
     """
 
@@ -160,6 +162,7 @@ class RepairConfig:
     labels: Literal["auto", "true", "pseudo"] = "auto"
     in_place: bool = False
     min_clean: int = 32
+    anneal: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -257,6 +260,8 @@ def repair(
     target.eval()
     target.requires_grad_(True)
     optimiser = torch.optim.Adam(target.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * -(-len(x) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps) if config.anneal else None
     rng = torch.Generator().manual_seed(config.seed)
     history: list[float] = []
     try:
@@ -276,6 +281,8 @@ def repair(
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
+                if schedule is not None:
+                    schedule.step()
                 losses.append(loss.item())
             history.append(sum(losses) / len(losses))
             if on_epoch is not None:
