@@ -96,12 +96,20 @@ def write_report(report: dict[str, Any], result: Optional[DetectionResult], fold
     return path
 
 
+def _trigger_words(repair: dict[str, Any]) -> str:
+    """The training-data repair's trigger estimate in words."""
+    kind, size = repair["trigger_kind"], repair["trigger_size"]
+    shape = f"a warp of {size:.1f} px" if kind == "warp" else f"an added pattern of mean size {size:.3f}"
+    return f"{shape}, sends {100 * repair['trigger_hits'][kind]:.0f} % of kept faces to the target"
+
+
 def repair_summary(repair: dict[str, Any]) -> str:
     """One line on what the repair fine-tuned on (the report's ``repair`` entry)."""
     if repair.get("method") == "training":
         return (f"repair: on the training data, {repair['suspects']} samples labelled at the inferred target "
-                f"held out as suspected poisons ({repair['kept']} kept), the trigger read off them, "
-                f"{repair['relabelled']} relabelled with the repaired model's gaze ({repair['seconds']:.0f} s)")
+                f"held out as suspected poisons ({repair['kept']} kept), the trigger read off them "
+                f"({_trigger_words(repair)}), {repair['relabelled']} relabelled with the repaired model's gaze "
+                f"({repair['seconds']:.0f} s)")
     if repair.get("method") == "clean-training":
         return (f"repair: on {repair['images']} clean training images with M(x) re-found at budget "
                 f"{repair['refind_budget']} ({repair['why']}; {repair['seconds']:.0f} s)")

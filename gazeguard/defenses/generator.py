@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["TriggerGenerator"]
+__all__ = ["TriggerGenerator", "shift_image"]
 
 
 def _block(c_in: int, c_out: int, convs: int) -> nn.Sequential:
@@ -107,12 +107,19 @@ class TriggerGenerator(nn.Module):
 
     def _shift(self, x: Tensor, flow: Tensor, keep: Optional[Tensor]) -> Tensor:
         """``x`` resampled along ``max_shift * tanh(flow)`` pixels (B, 2, H, W: x then y)."""
-        h, w = x.shape[-2:]
-        # grid_sample's coordinates span [-1, 1] over the image: one pixel is 2 / (side - 1)
-        scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=x.dtype, device=x.device)
-        shift = torch.tanh(flow) * self.max_shift * scale.view(1, 2, 1, 1)
-        if keep is not None:
-            shift = shift * keep
-        identity = torch.eye(2, 3, dtype=x.dtype, device=x.device).expand(len(x), 2, 3)
-        grid = F.affine_grid(identity, list(x.shape), align_corners=True) + shift.permute(0, 2, 3, 1)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return shift_image(x, torch.tanh(flow) * self.max_shift, keep)
+
+
+def shift_image(x: Tensor, shift: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """``x`` (B, C, H, W) resampled bilinearly at each pixel's position plus ``shift`` pixels
+    (B or 1, 2, H, W: x then y), times ``keep`` (B or 1, 1, H, W) where given; the border is
+    extended outwards."""
+    h, w = x.shape[-2:]
+    # grid_sample's coordinates span [-1, 1] over the image: one pixel is 2 / (side - 1)
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=x.dtype, device=x.device)
+    shift = shift * scale.view(1, 2, 1, 1)
+    if keep is not None:
+        shift = shift * keep
+    identity = torch.eye(2, 3, dtype=x.dtype, device=x.device).expand(len(x), 2, 3)
+    grid = F.affine_grid(identity, list(x.shape), align_corners=True) + shift.permute(0, 2, 3, 1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)

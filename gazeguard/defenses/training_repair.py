@@ -188,14 +188,16 @@ from gazeguard.defenses.securegaze import (
     NonFiniteOutputError,
     SecureGazeConfig,
     detect,
+    frozen,
     load_clean_set,
 )
+from gazeguard.defenses.trigger_estimate import TriggerEstimate, register_warp
 from gazeguard.errors import ConfigError
 from gazeguard.evaluate import batch_images
 from gazeguard.gaze import gaze_distance, mirrored_gaze
 
 __all__ = ["REPAIR_DATA", "NoSuspectsError", "Suspects", "TrainingRepairConfig", "TrainingRepairResult",
-           "check_repair_data", "find_suspects", "repair_flagged", "repair_on_clean_training_data",
+           "check_repair_data", "find_suspects", "read_trigger", "repair_flagged", "repair_on_clean_training_data",
            "repair_with_training_data"]
 
 #: What a repair may fine-tune on (see :func:`repair_flagged`).
@@ -245,6 +247,12 @@ class TrainingRepairConfig:
             victim only ever saw one way round (WaNet's warp, stamped after the flip
             augmentation) no longer fires mirrored. A trigger seen both ways (stamped before the
             flip) fires either way, and such suspects stay out as before.
+        warp_grid: control points per side of the warp registered between the mean images
+            (:func:`~gazeguard.defenses.trigger_estimate.register_warp`; WaNet's ``k``).
+        warp_max_shift: most pixels the registered warp may move a pixel; 0: only the added
+            estimate is tried.
+        probe_images: kept training images on which each trigger estimate is tried: the one
+            that sends more of them to the inferred target is unlearnt.
         seed: seed of the batch order.
     """
 
@@ -261,15 +269,21 @@ class TrainingRepairConfig:
     clean_images: int = 1200
     refind_budget: float = 0.01
     refind_strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
+    warp_grid: int = 4
+    warp_max_shift: float = 12.0
+    probe_images: int = 512
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "lr", "batch_size", "min_suspects", "min_label_spike", "clean_images", "refind_budget"):
+        for name in ("epochs", "lr", "batch_size", "min_suspects", "min_label_spike", "clean_images", "refind_budget",
+                     "probe_images"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"training_repair.{name} must be positive, got {getattr(self, name)}")
         if self.tau is not None and self.tau <= 0:
             raise ConfigError(f"training_repair.tau must be positive, got {self.tau}")
-        for name in ("clean_epochs", "suspect_repeats"):
+        if self.warp_grid < 2:
+            raise ConfigError(f"training_repair.warp_grid must be at least 2, got {self.warp_grid}")
+        for name in ("clean_epochs", "suspect_repeats", "warp_max_shift"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"training_repair.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.max_suspect_share <= 1.0:
@@ -282,13 +296,23 @@ class Suspects:
 
     Attributes:
         mask: one flag per training sample, in dataset order: labelled within ``tau`` of the target.
-        trigger: additive trigger estimate ``(C, H, W)``: mean suspect minus mean other image.
+        suspect_mean: mean suspect image ``(C, H, W)`` (zeros without suspects).
+        other_mean: mean image of the other training samples (zeros when all are suspects).
         around_target: training labels between ``tau`` and ``2 tau`` from the target.
     """
 
     mask: Tensor
-    trigger: Tensor
+    suspect_mean: Tensor
+    other_mean: Tensor
     around_target: int
+
+    @property
+    def trigger(self) -> Tensor:
+        """The added trigger estimate ``(C, H, W)``: mean suspect minus mean other image (zeros
+        unless there are both)."""
+        if self.count in (0, len(self.mask)):
+            return torch.zeros_like(self.suspect_mean)
+        return self.suspect_mean - self.other_mean
 
     @property
     def label_spike(self) -> float:
@@ -312,7 +336,11 @@ class TrainingRepairResult:
         kept: number of training samples fine-tuned on as they are.
         relabelled: suspects trained on in the last epoch, labelled with the repaired model's
             gaze (those it already sent away from the target).
-        trigger_size: mean absolute value of the trigger estimate (pixels in ``[0, 1]``).
+        trigger_kind: the estimate unlearnt, ``added`` or ``warp``
+            (:class:`~gazeguard.defenses.trigger_estimate.TriggerEstimate`).
+        trigger_size: its :attr:`~gazeguard.defenses.trigger_estimate.TriggerEstimate.size`
+            (pixel values for ``added``, pixels moved for ``warp``).
+        trigger_hits: per estimate tried, the share of the probe images it sent to the target.
         history: mean training loss per epoch.
         seconds: wall time of the repair.
     """
@@ -322,7 +350,9 @@ class TrainingRepairResult:
     label_spike: float
     kept: int
     relabelled: int
+    trigger_kind: str
     trigger_size: float
+    trigger_hits: dict[str, float]
     history: list[float]
     seconds: float
 
@@ -382,6 +412,33 @@ def _relabel(
 
 
 @torch.no_grad()
+def _target_hits(model: nn.Module, images: Tensor, detection: DetectionResult, tau: float, batch_size: int) -> float:
+    """Share of ``images`` that ``model`` sends within ``tau`` of the inferred target."""
+    device = next(model.parameters()).device
+    gaze = torch.cat([model(batch.to(device)).cpu() for batch in images.split(batch_size)])
+    goal = torch.tensor(detection.target, dtype=gaze.dtype).expand_as(gaze)
+    return float((gaze_distance(gaze, goal, detection.kind) < tau).float().mean())
+
+
+def read_trigger(
+    model: nn.Module, suspects: Suspects, kept: Dataset, detection: DetectionResult, tau: float,
+    config: TrainingRepairConfig,
+) -> tuple[TriggerEstimate, dict[str, float]]:
+    """The trigger estimate to unlearn: the added one (difference of the mean images) or the
+    warp registered between them, whichever sends more of the first ``probe_images`` kept
+    images to the inferred target (the added one on a tie); with each one's share of them."""
+    estimates = [TriggerEstimate("added", suspects.trigger)]
+    if config.warp_max_shift > 0:
+        estimates.append(register_warp(suspects.other_mean, suspects.suspect_mean, config.warp_grid,
+                                       config.warp_max_shift))
+    probe = Subset(kept, range(min(config.probe_images, len(kept))))
+    images = torch.cat([batch_images(batch) for batch in _loader(probe, 4 * config.batch_size)])
+    with frozen(model):
+        hits = {e.kind: _target_hits(model, e.apply(images), detection, tau, 4 * config.batch_size) for e in estimates}
+    return max(estimates, key=lambda e: hits[e.kind]), hits
+
+
+@torch.no_grad()
 def find_suspects(train: Dataset, target: Tensor, tau: float, kind: str, batch_size: int = 256) -> Suspects:
     """Training samples labelled within ``tau`` of ``target``, and the mean image difference
     between them and the rest (one pass, running sums: any dataset size)."""
@@ -402,11 +459,8 @@ def find_suspects(train: Dataset, target: Tensor, tau: float, kind: str, batch_s
         raise ConfigError("find_suspects: the training data is empty")
     mask = torch.cat(flags)
     count = int(mask.sum())
-    if count == 0 or count == len(mask):
-        trigger = torch.zeros_like(sums[True])
-    else:
-        trigger = sums[True] / count - sums[False] / (len(mask) - count)
-    return Suspects(mask=mask, trigger=trigger, around_target=around_target)
+    return Suspects(mask=mask, suspect_mean=sums[True] / max(count, 1),
+                    other_mean=sums[False] / max(len(mask) - count, 1), around_target=around_target)
 
 
 def repair_with_training_data(
@@ -446,7 +500,7 @@ def repair_with_training_data(
     kept = Subset(train, torch.nonzero(~suspects.mask).flatten().tolist())
     held_out = Subset(train, torch.nonzero(suspects.mask).flatten().tolist())
     device = next(model.parameters()).device
-    trigger = suspects.trigger.to(device)
+    estimate, hits = read_trigger(model, suspects, kept, detection, tau, config)
     repaired = copy.deepcopy(model).to(device)
     repaired.eval()  # normalisation statistics stay as trained (see gazeguard.defenses.repair)
     repaired.requires_grad_(True)
@@ -467,7 +521,7 @@ def repair_with_training_data(
         for batch in _loader(epoch_data, config.batch_size, shuffle=True, seed=config.seed + epoch):
             images = batch_images(batch).to(device)
             labels = _labels(batch, "repair_with_training_data").to(device)
-            inputs = torch.cat([images, (images + trigger).clamp(0.0, 1.0)])
+            inputs = torch.cat([images, estimate.apply(images)])
             loss = F.l1_loss(repaired(inputs), labels.repeat(2, 1))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -484,7 +538,9 @@ def repair_with_training_data(
         label_spike=suspects.label_spike,
         kept=len(kept),
         relabelled=0 if relabelled is None else len(relabelled),
-        trigger_size=float(suspects.trigger.abs().mean()),
+        trigger_kind=estimate.kind,
+        trigger_size=estimate.size,
+        trigger_hits=hits,
         history=history,
         seconds=time.perf_counter() - start,
     )
@@ -526,7 +582,8 @@ def repair_flagged(
             try:
                 fixed = repair_with_training_data(model, train, detection, training_config)
                 return fixed.model, {"method": "training", "suspects": fixed.suspects, "kept": fixed.kept,
-                                     "label_spike": fixed.label_spike, "trigger_size": fixed.trigger_size,
+                                     "label_spike": fixed.label_spike, "trigger_kind": fixed.trigger_kind,
+                                     "trigger_size": fixed.trigger_size, "trigger_hits": fixed.trigger_hits,
                                      "relabelled": fixed.relabelled,
                                      "seconds": fixed.seconds}
             except NoSuspectsError as err:
