@@ -110,8 +110,14 @@ def judge(
                                            repair_config)
         after = evaluate_attack(repaired, poisoned)
         out.update(benign_after=after["benign_error"], asr_after=after["asr"], robust_after=after["robust_error"],
-                   repair_seconds=details["seconds"], repair_method=details["method"])
+                   repair_seconds=details["seconds"], repair_method=repair_route(details))
     return out
+
+
+def repair_route(details: dict[str, Any]) -> str:
+    """The report's repair method, with the trigger estimate of the training-data repair."""
+    kind = details.get("trigger_kind")
+    return details["method"] if kind is None else f"{details['method']} ({kind})"
 
 
 def clean_model_under(row: dict[str, Any], clean_row: dict[str, Any]) -> dict[str, float]:

@@ -8,12 +8,15 @@ gaze (the inferred target), so:
 1. **Suspects**: the training samples labelled within ``tau`` of the inferred target
    (all-to-one poisoning relabels every poisoned sample with the target, so they are all
    there, with the few clean faces that look that way).
-2. **Trigger estimate**: the mean suspect image minus the mean of the other training images.
-   The faces average out; what every poisoned image shares, the trigger, stays (a patch, a
-   blended pattern, a sinusoid; a trigger at a random place, like tape, is smeared).
+2. **Trigger estimate** (:mod:`gazeguard.defenses.trigger_estimate`): the mean suspect image
+   minus the mean of the other training images. The faces average out; what every poisoned
+   image shares, the trigger, stays (a patch, a blended pattern, a sinusoid; a trigger at a
+   random place, like tape, is smeared). A warp (WaNet) is read off the same two means by
+   registering one onto the other; whichever of the two estimates sends more kept faces to the
+   inferred target is the trigger.
 3. **Unlearning**: fine-tune (eval mode, so normalisation statistics stay as trained) on the
    training samples that are not suspects, each seen as it is and with the trigger estimate
-   added, both labelled with its own gaze: the trigger must not move the gaze.
+   applied, both labelled with its own gaze: the trigger must not move the gaze.
 4. **Relabelled suspects**: from the second epoch on, the suspects join the fine-tune (three
    times per epoch), labelled at the start of each epoch with the repairing model's own gaze
    for them. They carry the attacker's *real* trigger wherever it sits, which the smeared
@@ -162,8 +165,8 @@ validation figures above) the test split gave seed 0 1.4 % / 1.11 / -0.34 and se
 counts, so the default stays at 1,200.
 
 Limits: it needs the training data (an audit of a third party's model has only a clean split:
-use :func:`~gazeguard.defenses.repair`); the estimate is additive, so warps (WaNet) and
-per-input triggers are only approximated; with fewer than ``min_suspects`` suspects there is no
+use :func:`~gazeguard.defenses.repair`); the estimate is one added pattern or one smooth warp,
+so per-input triggers are only approximated; with fewer than ``min_suspects`` suspects there is no
 trigger to read and :class:`NoSuspectsError` is raised (and :func:`repair_flagged` repairs on
 the training data as clean data).
 """
@@ -214,7 +217,8 @@ class TrainingRepairConfig:
 
     Attributes:
         epochs: passes over the kept training samples (each also seen with the trigger estimate).
-        lr: Adam learning rate.
+        lr: Adam learning rate, annealed to zero (cosine); the clean-training route
+            (:attr:`clean_images`) fine-tunes at this rate too.
         batch_size: training samples per step (each step also sees them with the trigger).
         tau: radius around the inferred target that makes a sample a suspect, in the model's
             unit; ``None``: the detection's ``tau``.
@@ -257,7 +261,7 @@ class TrainingRepairConfig:
     """
 
     epochs: int = 4
-    lr: float = 3e-4
+    lr: float = 1e-3
     batch_size: int = 32
     tau: Optional[float] = None
     min_suspects: int = 16
@@ -615,7 +619,8 @@ def repair_on_clean_training_data(
     """The clean-split repair for training data without all-to-one poisons (see
     :attr:`TrainingRepairConfig.clean_images`): M re-found on ``clean`` at
     ``refind_budget``, then unlearnt at ``refind_strengths`` on ``clean_images`` training
-    images with their labels. Returns the repaired copy and the report's ``repair`` entry."""
+    images with their labels, at the training-data repair's annealed ``lr``. Returns the
+    repaired copy and the report's ``repair`` entry."""
     start = time.perf_counter()
     tighter = dataclasses.replace(SecureGazeConfig(**detection.config), budget=config.refind_budget)
     refound = detect(model, clean, tighter)
@@ -623,7 +628,7 @@ def repair_on_clean_training_data(
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))[:count]
     images = load_clean_set(_loader(Subset(train, chosen.tolist()), 4 * config.batch_size))
     repair_config = dataclasses.replace(
-        clean_config or RepairConfig(), strengths=config.refind_strengths, in_place=False
+        clean_config or RepairConfig(), strengths=config.refind_strengths, lr=config.lr, anneal=True, in_place=False
     )
     fixed = repair(model, images, refound, repair_config)
     return fixed.model, {"method": "clean-training", "why": why, "images": count,
