@@ -186,6 +186,7 @@ class ToyData:
 
 def test_callback_repairs_on_the_training_data_and_falls_back_to_the_clean_split(flagged) -> None:
     from gazeguard.callbacks import SecureGaze
+    from gazeguard.callbacks.report import repair_summary
     from gazeguard.defenses import RepairConfig, load_clean_set
 
     model, result = flagged
@@ -196,6 +197,9 @@ def test_callback_repairs_on_the_training_data_and_falls_back_to_the_clean_split
     repaired, details = SecureGaze(**options)._repair(model, clean, result, ToyData(poisoned=True))
     assert details["method"] == "training" and details["suspects"] >= N_POISON and repaired is not model
     assert details["relabelled"] >= 0 and details["kept"] == N_TRAIN - details["suspects"]
+    # the toy's spot is added, not warped: the added estimate fires, and the summary says so
+    assert details["trigger_kind"] == "added" and details["trigger_hits"]["added"] > details["trigger_hits"]["warp"]
+    assert f"an added pattern of mean size {details['trigger_size']:.3f}, sends " in repair_summary(details)
     _, details = SecureGaze(**options)._repair(model, clean, result, ToyData(poisoned=False))
     # no poisons in the training data: it is clean data, repaired on with a re-found M
     assert details["method"] == "clean-training" and "no pile of training labels" in details["why"]
