@@ -270,7 +270,7 @@ class TrainingRepairConfig:
     clean_epochs: int = 1
     suspect_repeats: int = 3
     mirror: bool = True
-    clean_images: int = 1200
+    clean_images: int = 2400
     refind_budget: float = 0.01
     refind_strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
     warp_grid: int = 4
