@@ -10,10 +10,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gazeguard.defenses import TrainingRepairConfig, find_suspects
+from gazeguard.defenses import (
+    TrainingRepairConfig,
+    TriggerEstimate,
+    find_suspects,
+    read_trigger,
+    register_warp,
+)
 from gazeguard.defenses.generator import shift_image
-from gazeguard.defenses.training_repair import read_trigger
-from gazeguard.defenses.trigger_estimate import TriggerEstimate, register_warp
 
 SIDE = 32
 

@@ -38,10 +38,12 @@ from gazeguard.defenses.training_repair import (
     TrainingRepairResult,
     check_repair_data,
     find_suspects,
+    read_trigger,
     repair_flagged,
     repair_on_clean_training_data,
     repair_with_training_data,
 )
+from gazeguard.defenses.trigger_estimate import TriggerEstimate, register_warp
 
 __all__ = [
     "REPAIR_DATA",
@@ -57,6 +59,7 @@ __all__ = [
     "Suspects",
     "TrainingRepairConfig",
     "TrainingRepairResult",
+    "TriggerEstimate",
     "TriggerGenerator",
     "detect",
     "dispersion_stats",
@@ -66,6 +69,8 @@ __all__ = [
     "find_suspects",
     "load_clean_set",
     "output_variance_ratio",
+    "read_trigger",
+    "register_warp",
     "repair",
     "repair_flagged",
     "repair_on_clean_training_data",

@@ -89,7 +89,9 @@ def register_warp(
     control points of at most ``max_shift`` pixels (tanh-bounded), upsampled bicubically,
     fitted by least squares from no shift."""
     if grid < 2 or max_shift <= 0 or steps < 1:
-        raise ValueError(f"register_warp needs grid >= 2, max_shift > 0 and steps >= 1, got {grid}, {max_shift}, {steps}")
+        raise ValueError(
+            f"register_warp needs grid >= 2, max_shift > 0 and steps >= 1, got {grid}, {max_shift}, {steps}"
+        )
     height, width = moving.shape[-2:]
     moving, fixed = moving.detach().unsqueeze(0), fixed.detach().unsqueeze(0)
     control = torch.zeros(1, 2, grid, grid, dtype=moving.dtype, device=moving.device, requires_grad=True)
