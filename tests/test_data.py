@@ -153,8 +153,10 @@ def test_datamodule_keeps_images_in_memory_with_unchanged_batches(tiny_h5: Path)
         torch.manual_seed(0)  # the shuffle
         dm = GazeDataModule("mpiifacegaze", root=str(tiny_h5), batch_size=8, memory_mb=memory_mb)
         dm.setup()
-        for _ in range(2):  # the second epoch reads from memory
-            batch = next(iter(dm.train_dataloader()))
+        for _ in dm.train_dataloader():  # the first epoch reads every training image once ...
+            pass
+        batch = next(iter(dm.train_dataloader()))  # ... so the second reads from memory
+        assert (len(dm.source._memory) == len(dm.split_indices["train"])) == (memory_mb > 0)
         return batch["image"]
 
     assert torch.equal(first_batch(0), first_batch(1))

@@ -110,3 +110,20 @@ def test_the_estimate_that_fires_is_unlearnt(warp_max_shift: float) -> None:
         assert abs(estimate.pattern[0, :, 12:24].mean() + 3.0) < 1.0  # along the ridge: 3 px
     else:
         assert estimate.kind == "added" and set(hits) == {"added"}
+
+
+def test_a_tie_keeps_the_added_estimate_and_the_summary_names_the_one_taken() -> None:
+    from gazeguard.callbacks.report import repair_summary
+
+    faces = ridge_faces(40, seed=1)
+    train = samples(faces, torch.cat([torch.zeros(10, 2), torch.full((30, 2), 0.4)]))
+    suspects = find_suspects(train, torch.zeros(2), 0.1, "angle")
+    kept = [sample for sample, flag in zip(train, suspects.mask) if not flag]
+    detection = types.SimpleNamespace(target=(0.0, 0.0), kind="angle", tau=0.1)
+    never = WarpDetector()
+    never.forward = lambda x: never.away.expand(len(x), 2)  # no backdoor at all: neither fires
+    estimate, hits = read_trigger(never, suspects, kept, detection, 0.1, TrainingRepairConfig())
+    assert hits == {"added": 0.0, "warp": 0.0} and estimate.kind == "added"
+    line = repair_summary({"method": "training", "suspects": 10, "kept": 30, "relabelled": 5, "seconds": 1.0,
+                           "trigger_kind": "warp", "trigger_size": 3.47, "trigger_hits": {"added": 0.09, "warp": 0.97}})
+    assert "the trigger read off them (a warp of 3.5 px, sends 97 % of the probed kept faces to the target)" in line

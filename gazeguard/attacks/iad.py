@@ -254,7 +254,8 @@ class IADTrigger(Trigger):
 
     def stamp(self, img: np.ndarray, **params: Any) -> np.ndarray:
         device = next(self.generator.parameters()).device
-        x = torch.from_numpy(img).to(device).permute(2, 0, 1)[None].float() / 255.0
+        # a copy: images kept in memory are read-only, which torch.from_numpy warns about
+        x = torch.as_tensor(np.array(img), device=device).permute(2, 0, 1)[None].float() / 255.0
         with torch.no_grad():
             out = self.generator(x)[0].permute(1, 2, 0).cpu().numpy()
         return _to_uint8(out * 255.0)

@@ -100,7 +100,7 @@ def _trigger_words(repair: dict[str, Any]) -> str:
     """The training-data repair's trigger estimate in words."""
     kind, size = repair["trigger_kind"], repair["trigger_size"]
     shape = f"a warp of {size:.1f} px" if kind == "warp" else f"an added pattern of mean size {size:.3f}"
-    return f"{shape}, sends {100 * repair['trigger_hits'][kind]:.0f} % of kept faces to the target"
+    return f"{shape}, sends {100 * repair['trigger_hits'][kind]:.0f} % of the probed kept faces to the target"
 
 
 def repair_summary(repair: dict[str, Any]) -> str:

@@ -60,6 +60,9 @@ class GazeDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         memory_mb: keep images in memory once read, up to this many MiB per process (0: read
             from disk every time); the synthetic default (6,000 images of 64 px) takes 70 MiB.
+            Every DataLoader worker keeps its own, so the total can reach ``memory_mb`` times
+            (1 + workers of the train and val loaders): lower it for many workers on a large
+            dataset.
         augment: apply training augmentation (includes the label-aware flip).
         seed: seed of the split and of augmentation.
         synthetic: rendering parameters for ``dataset=synthetic``.

@@ -116,5 +116,5 @@ class GazeSource(ABC):
         state = self.__dict__.copy()
         state["_handle"] = None
         state["_handle_pid"] = None
-        state["_memory"], state["_memory_used"] = {}, 0  # each worker process fills its own
+        state["_memory"], state["_memory_used"] = {}, 0  # a spawned worker fills its own (forked ones inherit)
         return state

@@ -149,7 +149,9 @@ class RepairConfig:
         in_place: fine-tune ``model`` itself instead of a copy.
         min_clean: fewest clean images accepted.
         anneal: anneal the learning rate to zero over the fine-tune (cosine) instead of keeping
-            it constant, so that the last, noisy steps do not decide the benign error.
+            it constant, so that the last, noisy steps do not decide the benign error. (The
+            training-data repair's clean-training route sets ``lr`` and ``anneal`` itself, from
+            :class:`~gazeguard.defenses.TrainingRepairConfig`.)
         seed: seed of the batch order.
     """
 

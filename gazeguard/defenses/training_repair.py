@@ -313,8 +313,9 @@ class TrainingRepairConfig:
             (:func:`~gazeguard.defenses.trigger_estimate.register_warp`; WaNet's ``k``).
         warp_max_shift: most pixels the registered warp may move a pixel; 0: only the added
             estimate is tried.
-        probe_images: kept training images on which each trigger estimate is tried: the one
-            that sends more of them to the inferred target is unlearnt.
+        probe_images: how many kept training images (the first, in dataset order) each trigger
+            estimate is tried on: the one that sends more of them to the inferred target is
+            unlearnt.
         seed: seed of the batch order.
     """
 
@@ -343,7 +344,7 @@ class TrainingRepairConfig:
                 raise ConfigError(f"training_repair.{name} must be positive, got {getattr(self, name)}")
         if self.tau is not None and self.tau <= 0:
             raise ConfigError(f"training_repair.tau must be positive, got {self.tau}")
-        if self.warp_grid < 2:
+        if not isinstance(self.warp_grid, int) or self.warp_grid < 2:
             raise ConfigError(f"training_repair.warp_grid must be at least 2, got {self.warp_grid}")
         for name in ("clean_epochs", "suspect_repeats", "warp_max_shift"):
             if getattr(self, name) < 0:
@@ -478,6 +479,8 @@ def _target_hits(model: nn.Module, images: Tensor, detection: DetectionResult, t
     """Share of ``images`` that ``model`` sends within ``tau`` of the inferred target."""
     device = next(model.parameters()).device
     gaze = torch.cat([model(batch.to(device)).cpu() for batch in images.split(batch_size)])
+    if not torch.isfinite(gaze).all():
+        raise NonFiniteOutputError("repair_with_training_data: the model produced NaN/inf on the trigger estimates")
     goal = torch.tensor(detection.target, dtype=gaze.dtype).expand_as(gaze)
     return float((gaze_distance(gaze, goal, detection.kind) < tau).float().mean())
 
@@ -502,8 +505,8 @@ def read_trigger(
 
 @torch.no_grad()
 def find_suspects(train: Dataset, target: Tensor, tau: float, kind: str, batch_size: int = 256) -> Suspects:
-    """Training samples labelled within ``tau`` of ``target``, and the mean image difference
-    between them and the rest (one pass, running sums: any dataset size)."""
+    """Training samples labelled within ``tau`` of ``target``, and the mean images of them and
+    of the rest (one pass, running sums: any dataset size)."""
     flags: list[Tensor] = []
     sums: dict[bool, Optional[Tensor]] = {True: None, False: None}
     around_target = 0
@@ -559,10 +562,14 @@ def repair_with_training_data(
             f"than training_repair.max_suspect_share={config.max_suspect_share}, so there is no poisoned minority "
             "to read a trigger off; repair with the clean split instead"
         )
+    if suspects.count == n:
+        raise NoSuspectsError(f"all {n} training samples are labelled at the inferred target {detection.target}: "
+                              "no clean sample is left to fine-tune on; repair with the clean split instead")
     kept = Subset(train, torch.nonzero(~suspects.mask).flatten().tolist())
     held_out = Subset(train, torch.nonzero(suspects.mask).flatten().tolist())
     device = next(model.parameters()).device
     estimate, hits = read_trigger(model, suspects, kept, detection, tau, config)
+    estimate = dataclasses.replace(estimate, pattern=estimate.pattern.to(device))
     repaired = copy.deepcopy(model).to(device)
     repaired.eval()  # normalisation statistics stay as trained (see gazeguard.defenses.repair)
     repaired.requires_grad_(True)
