@@ -100,14 +100,11 @@ class TriggerGenerator(nn.Module):
         r = self.out(features) * strength
         keep = None if protect is None else 1 - protect
         if self.flow is not None:
-            x = self._shift(x, self.flow(features) * strength, keep)
+            # at most max_shift pixels per axis (tanh-bounded); none where pixels are protected
+            x = shift_image(x, torch.tanh(self.flow(features) * strength) * self.max_shift, keep)
         if keep is not None:
             r = r * keep
         return torch.sigmoid(torch.logit(x.clamp(self.eps, 1 - self.eps)) + r)
-
-    def _shift(self, x: Tensor, flow: Tensor, keep: Optional[Tensor]) -> Tensor:
-        """``x`` resampled along ``max_shift * tanh(flow)`` pixels (B, 2, H, W: x then y)."""
-        return shift_image(x, torch.tanh(flow) * self.max_shift, keep)
 
 
 def shift_image(x: Tensor, shift: Tensor, keep: Optional[Tensor] = None) -> Tensor:

@@ -248,6 +248,7 @@ from gazeguard.defenses.securegaze import (
     DetectionResult,
     NonFiniteOutputError,
     SecureGazeConfig,
+    _batched,
     detect,
     frozen,
     load_clean_set,
@@ -478,7 +479,7 @@ def _relabel(
 def _target_hits(model: nn.Module, images: Tensor, detection: DetectionResult, tau: float, batch_size: int) -> float:
     """Share of ``images`` that ``model`` sends within ``tau`` of the inferred target."""
     device = next(model.parameters()).device
-    gaze = torch.cat([model(batch.to(device)).cpu() for batch in images.split(batch_size)])
+    gaze = _batched(lambda batch: model(batch.to(device)).cpu(), images, batch_size)
     if not torch.isfinite(gaze).all():
         raise NonFiniteOutputError("repair_with_training_data: the model produced NaN/inf on the trigger estimates")
     goal = torch.tensor(detection.target, dtype=gaze.dtype).expand_as(gaze)

@@ -32,7 +32,7 @@ WaNet s0 / s1 / s2                         9.4 / 6.2 / 10.4 %  97.5 / 86.9 / 88.
 
 (BadNets s2, 29.1 %, is the model where the attack planted only 31 %.) On WaNet the registered
 field is within 0.9-1.2 px (mean absolute error per pixel) of the real one, whose mean shift
-is 3.25 px, and registration cuts the mean-image residual 30-45 fold (1.9e-3 to 4-6e-5); on
+is 3.25 px, and registration cuts the mean-image residual 30-50 fold (1.9e-3 to 4-6e-5); on
 the added triggers it explains 0-20 % of the residual and its warp does not fire, so their
 estimate is the difference of the means, as before this module existed (their repairs are
 unchanged).
