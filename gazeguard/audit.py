@@ -5,12 +5,14 @@ no knowledge of any attack. The audit reads the weights without running code fro
 (:mod:`gazeguard.checkpoints`: a Lightning checkpoint, a plain state dict ``.pt``/``.pth`` or a
 ``.safetensors`` file; a file that needs pickled code is refused), rebuilds the
 :class:`~gazeguard.model.GazeRegressor` (backbone and kind from the checkpoint's
-hyper-parameters, else ``--backbone``), runs SecureGaze detection on the defender's clean split
-of ``--data`` and prints the verdict with its evidence. ``--repair true`` unlearns a flagged
-backdoor and writes the repaired weights in the input's format. ``--attack NAME`` measures the
-attack success before and after, when the trigger is known (never used by the defense).
+hyper-parameters, else ``--backbone``), runs a defense (``--defense``, SecureGaze by default;
+any registered name or import path, as for ``fit``) on the defender's clean split of ``--data``
+and prints the verdict with its evidence. ``--repair true`` repairs a flagged model and writes
+the repaired weights in the input's format; an audit has no training data, so a repair uses the
+clean split. ``--attack NAME`` measures the attack success before and after, when the trigger is
+known (never given to the defense).
 
-Outputs go to ``--out`` (default ``<checkpoint folder>/<stem>_audit/``): the SecureGaze report
+Outputs go to ``--out`` (default ``<checkpoint folder>/<stem>_audit/``): the defense's report
 (JSON, markdown, picture) and ``<stem>.repaired.<ext>``. They are staged in a temporary folder
 and moved into place only when everything succeeded, so a failed audit leaves nothing behind
 (the synthetic data cache excepted). Errors print one line, ``error: ...``, and exit with 2.
@@ -20,10 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -32,13 +31,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from gazeguard.attacks import PoisonedDataModule, create
-from gazeguard.callbacks.report import (
-    JSON_NAME,
-    MARKDOWN_NAME,
-    PICTURE_NAME,
-    write_report,
-)
-from gazeguard.callbacks.securegaze import SecureGaze
+from gazeguard.attacks.metrics import evaluator_for
 from gazeguard.checkpoints import (
     Checkpoint,
     KeyMap,
@@ -50,10 +43,12 @@ from gazeguard.checkpoints import (
 )
 from gazeguard.cli_options import AttackOptions, expand_shorthands
 from gazeguard.data.datamodule import GazeDataModule
-from gazeguard.defenses import RepairConfig, SecureGazeConfig
+from gazeguard.defenses import Defense, DefenseData, Outcome, SecureGazeDefense, available, load_clean_set, run_defense
+from gazeguard.defenses.registry import class_path
+from gazeguard.defenses.report import ReportFiles, StagedFolder, report_lines, write_report
+from gazeguard.defenses.run import check_clean_count
 from gazeguard.errors import ConfigError, run_command
-from gazeguard.fit import DATA_DEFAULTS, format_defense
-from gazeguard.gaze import UNITS
+from gazeguard.fit import DATA_DEFAULTS
 from gazeguard.model import GazeRegressor
 
 __all__ = ["audit", "build_parser", "format_audit", "main", "run"]
@@ -62,11 +57,12 @@ DEFAULT_BACKBONE: str = inspect.signature(GazeRegressor).parameters["backbone"].
 
 
 def build_parser() -> ArgumentParser:
-    """The audit's options: its own, then ``--data.*``, ``--detection.*``, ``--unlearning.*``, ``--attack.*``."""
+    """The audit's options: its own, then ``--data.*``, ``--defense`` with its ``--defense.*``, ``--attack.*``."""
     parser = ArgumentParser(
         prog="gazeguard-audit",
-        description="Audit a gaze model someone else trained for a backdoor (SecureGaze), without running "
-        "code from its file; optionally repair it.",
+        description="Audit a gaze model someone else trained for a backdoor, without running code from its file; "
+        f"optionally repair it. Defenses: {', '.join(available())}, or the import path of a Defense subclass "
+        "(--defense NAME, its options as --defense.OPTION; --defense.help NAME lists them).",
         formatter_class=DefaultHelpFormatter,
         default_env=False,
     )
@@ -86,8 +82,8 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--repair", type=bool, default=False,
-        help="Unlearn the backdoor when the model is flagged and write <out>/<stem>.repaired.<ext> "
-        "in the input's format (the input is never modified).",
+        help="Repair the model when it is flagged (on the clean split: an audit has no training data) and write "
+        "<out>/<stem>.repaired.<ext> in the input's format (the input is never modified).",
     )
     parser.add_argument(
         "--evaluate", type=bool, default=True,
@@ -97,8 +93,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--device", type=str, default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_class_arguments(GazeDataModule, "data")
     parser.set_defaults(DATA_DEFAULTS)
-    parser.add_class_arguments(SecureGazeConfig, "detection")
-    parser.add_class_arguments(RepairConfig, "unlearning")
+    parser.add_argument(
+        "--defense", type=Defense, default={"class_path": class_path(SecureGazeDefense)},
+        help="The defense to audit with: a registered name, an entry-point name or an import path.",
+    )
     parser.add_class_arguments(AttackOptions, "attack")
     return parser
 
@@ -114,11 +112,10 @@ def run(args: Optional[list[str]] = None) -> dict[str, Any]:
     report = audit(
         checkpoint=init.checkpoint,
         data=init.data,
-        detection=init.detection,
+        defense=init.defense,
         backbone=init.backbone,
         out=init.out,
         repair=init.repair,
-        unlearning=init.unlearning,
         attack=init.attack,
         evaluate=init.evaluate,
         device=init.device,
@@ -130,25 +127,23 @@ def run(args: Optional[list[str]] = None) -> dict[str, Any]:
 def audit(
     checkpoint: str,
     data: Optional[GazeDataModule] = None,
-    detection: Optional[SecureGazeConfig] = None,
+    defense: Optional[Defense] = None,
     backbone: Optional[str] = None,
     out: Optional[str] = None,
     repair: bool = False,
-    unlearning: Optional[RepairConfig] = None,
     attack: Optional[AttackOptions] = None,
     evaluate: bool = True,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Audit the weights in ``checkpoint``; returns the report (also written to ``out``).
 
-    The report is SecureGaze's (as the fit-time callback writes it) plus ``audit``: the file,
+    The report is the defense's (as the fit-time callback writes it) plus ``audit``: the file,
     its format and SHA-256, the backbone and where it came from, how the keys were mapped and
     the clean data used; and ``repaired_checkpoint`` when a repaired file was written.
     """
     start = time.perf_counter()
     data = data if data is not None else GazeDataModule()
-    detection = detection or SecureGazeConfig()
-    unlearning = unlearning or RepairConfig()
+    defense = defense if defense is not None else SecureGazeDefense()
     path = Path(checkpoint)
 
     # 1. the weights (cheap checks first: nothing is rendered or computed for a bad file)
@@ -158,7 +153,10 @@ def audit(
     folder = Path(out) if out is not None else path.parent / f"{path.stem}_audit"
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder}: exists and is not a folder")
-    staging = _Staging(folder)  # fails now, not after the detection, when the folder is not writable
+    try:  # fails now, not after the detection, when the folder is not writable
+        staging = StagedFolder(folder)
+    except ConfigError as err:
+        raise ConfigError(f"--out {err}") from err
     try:
         # 2. the data, and the attack to measure (if the trigger is known)
         datamodule = _datamodule(data, attack)
@@ -171,15 +169,14 @@ def audit(
             )
         model.to(_device(device))
 
-        # 3. SecureGaze, as the fit-time callback runs it; the repair uses the clean split, since
-        # --data is the auditor's data, not what the model was trained on
-        defense = SecureGaze(config=detection, repair=repair, repair_config=unlearning, repair_data="clean",
-                             evaluate=None if evaluate else (lambda _model: {}))
-        defense.check_clean_split(datamodule)  # refuses a too-small clean split with a hint
-        payload = defense.defend(model, datamodule)
-        if payload.get("error"):
-            raise ConfigError(payload["error"])
-        report: dict[str, Any] = payload["report"]
+        # 3. the defense, as the fit-time callback runs it; no training split: --data is the
+        # auditor's data, not what the model was trained on, so a repair uses the clean split
+        clean = datamodule.defender_dataloader()
+        check_clean_count(defense, len(clean.dataset), repair)
+        defense.show_progress = True
+        outcome = run_defense(defense, model, DefenseData(load_clean_set(clean)), repair,
+                              evaluator_for(datamodule) if evaluate else None)
+        report = outcome.report
         report["audit"] = {
             "checkpoint": str(path),
             "format": ckpt.format,
@@ -200,7 +197,7 @@ def audit(
 
         # 4. the outputs, staged, then moved into place together
         try:
-            _write_outputs(report, payload["state_dict"], defense.result, ckpt, key_map, model, staging)
+            _write_outputs(outcome, ckpt, key_map, model, staging)
         except OSError as err:
             raise ConfigError(f"--out {folder}: cannot write the results ({err.strerror or err})") from err
     finally:
@@ -208,18 +205,13 @@ def audit(
     return report
 
 
-def _write_outputs(
-    report: dict[str, Any],
-    repaired: Optional[dict[str, torch.Tensor]],
-    result: Any,
-    ckpt: Checkpoint,
-    key_map: KeyMap,
-    model: GazeRegressor,
-    staging: _Staging,
-) -> None:
+def _write_outputs(outcome: Outcome, ckpt: Checkpoint, key_map: KeyMap, model: GazeRegressor,
+                   staging: StagedFolder) -> None:
     """The repaired weights (if any) and the report, staged, then moved into place together."""
+    report = outcome.report
     order = []
-    if repaired is not None:
+    if outcome.repair is not None:
+        repaired = {k: v.detach().cpu() for k, v in outcome.repair.model.state_dict().items()}
         target = repaired_path(ckpt, staging.folder)
         weights = to_checkpoint_layout(repaired, key_map, ckpt.state_dict)
         hparams = dict(ckpt.hyper_parameters)
@@ -230,10 +222,10 @@ def _write_outputs(
                      extra={"gazeguard_audit": provenance})
         report["repaired_checkpoint"] = str(target)
         order.append(target.name)  # first: the report that names it comes after
-    write_report(report, result, staging.dir)
-    order += [name for name in (PICTURE_NAME, MARKDOWN_NAME, JSON_NAME) if (staging.dir / name).exists()]
+    pictures = outcome.detection.pictures if outcome.detection is not None else []
+    order += write_report(report, pictures, staging.dir)
     staging.commit(order)
-    report["report"] = str(staging.folder / MARKDOWN_NAME)
+    report["report"] = str(staging.folder / ReportFiles(report["defense"]).markdown)
 
 
 def _build_model(ckpt: Checkpoint, backbone: Optional[str]) -> tuple[GazeRegressor, KeyMap, str]:
@@ -298,51 +290,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _Staging:
-    """A temporary folder beside ``folder`` whose files move into ``folder`` on :meth:`commit`.
-
-    Nothing appears in ``folder`` (nor the folder itself) before the commit; :meth:`cleanup`
-    removes the temporary folder whatever happened, and a failed commit takes back what it moved
-    and re-raises (the audit turns the ``OSError`` into its one-line error).
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        anchor = folder.parent
-        while not anchor.exists() and anchor != anchor.parent:
-            anchor = anchor.parent
-        try:
-            self.dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=anchor))
-        except OSError as err:
-            raise ConfigError(f"--out {folder}: cannot write in {anchor} ({err.strerror or err})") from err
-
-    def commit(self, names: list[str]) -> None:
-        created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
-        moved: list[Path] = []
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for name in names:
-                os.replace(self.dir / name, self.folder / name)
-                moved.append(self.folder / name)
-        except OSError:
-            for target in moved:
-                target.unlink(missing_ok=True)
-            for folder in created:  # innermost first
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass
-            raise
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 # -- output -----------------------------------------------------------------------------------
 def format_audit(report: dict[str, Any]) -> str:
-    """What was audited and how, the evidence, then SecureGaze's table; the verdict line last."""
+    """What was audited and how, then the defense's report; the verdict line last."""
     info = report["audit"]
-    unit = UNITS[report["kind"]]
     lines = [
         "== gazeguard audit ==",
         f"checkpoint: {info['checkpoint']} ({info['format']}, {info['tensors']} tensors, sha256 {info['sha256'][:16]})",
@@ -355,15 +306,10 @@ def format_audit(report: dict[str, Any]) -> str:
     lines.append(f"clean images: {data['clean_images']} (defender split of {data['dataset']}"
                  f"{', ' + data['root'] if data['root'] else ''}, {data['image_size']} px)")
     lines += [f"note: {note}" for note in info["notes"]]
-    lines.append(
-        f"evidence: {100 * report['attack_success']:.1f}% of reverse-engineered outputs within {report['tau']:g} {unit} "
-        f"of the inferred target; feature shift {report['feature_shift'].get('mean_shift', float('nan')):.2f} benign sd; "
-        f"mean |M(x)-x| {report['budget_used']:.4f}"
-    )
     if info["repair_requested"] and report["verdict"] == "clean":
         lines.append("repair: not needed (not flagged)")
     lines.append(f"report: {report['report']}")
-    lines += format_defense(report, report["kind"])
+    lines += report_lines(report)
     return "\n".join(lines)
 
 

@@ -4,9 +4,11 @@
 ``--attack badnets`` reads better than ``--attack.name badnets``, and ``--data mpiifacegaze``
 better than ``--data.dataset mpiifacegaze``; jsonargparse would take the bare value of a group
 option as a config file, so :func:`expand_shorthands` rewrites such a flag before parsing when
-its value is not a file. ``--logger wandb`` likewise stands for a whole ``--trainer.logger``
-(see :data:`LOGGERS`). The rewrite happens before parsing, so ``--print_config`` shows the
-resolved options, and later flags (``--trainer.logger.init_args.save_dir DIR``) refine it.
+its value is not a file. ``--defense NAME`` names a defense by its registered name, entry-point
+name or import path (:func:`gazeguard.defenses.resolve`) and becomes jsonargparse's class path,
+with ``--defense.OPTION VALUE`` its constructor options; ``--logger wandb`` likewise stands for a
+whole ``--trainer.logger`` (see :data:`LOGGERS`). The rewrite happens before parsing, so
+``--print_config`` shows the resolved options, and later flags refine them.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from gazeguard.defenses import RepairConfig, SecureGazeConfig, TrainingRepairConfig
+from gazeguard.defenses.registry import class_path, option_names, resolve
 from gazeguard.errors import ConfigError
 
 #: ``--group VALUE`` -> ``--group.field VALUE`` (when VALUE is not a config file).
-SHORTHANDS: dict[str, str] = {"--attack": "--attack.name", "--defense": "--defense.name", "--data": "--data.dataset"}
+SHORTHANDS: dict[str, str] = {"--attack": "--attack.name", "--data": "--data.dataset"}
 
 _WANDB = {
     "class_path": "lightning.pytorch.loggers.WandbLogger",
@@ -43,14 +45,15 @@ NO_NAME = ("", "none", "null")
 
 
 def expand_shorthands(argv: Sequence[str]) -> list[str]:
-    """Rewrite ``--attack NAME`` / ``--attack=NAME`` (and the other :data:`SHORTHANDS`), and
-    ``--logger NAME`` into ``--trainer.logger`` (one of :data:`LOGGERS`)."""
+    """Rewrite ``--attack NAME`` / ``--attack=NAME`` (and the other :data:`SHORTHANDS`),
+    ``--defense NAME`` into the defense's class path (:func:`expand_defense`) and ``--logger NAME``
+    into ``--trainer.logger`` (one of :data:`LOGGERS`)."""
     out: list[str] = []
     i = 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
         consumed = 0
-        if flag in SHORTHANDS or flag == "--logger":
+        if flag in SHORTHANDS or flag in ("--logger", "--defense", "--defense.help"):
             if eq:
                 consumed = 1
             elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
@@ -60,13 +63,52 @@ def expand_shorthands(argv: Sequence[str]) -> list[str]:
                 raise ConfigError(f"--logger: unknown logger {value!r}; choose one of {', '.join(LOGGERS)}")
             out += ["--trainer.logger", json.dumps(LOGGERS[value])]
             i += consumed
-        elif consumed and not Path(value).is_file():
+        elif consumed and flag.startswith("--defense") and not Path(value).is_file():
+            out += [flag, _defense_class_path(value)]
+            i += consumed
+        elif consumed and flag in SHORTHANDS and not Path(value).is_file():
             out += [SHORTHANDS[flag], value]
             i += consumed
         else:
             out.append(argv[i])
             i += 1
-    return out
+    return check_defense_options(_defense_first(out))
+
+
+def _defense_class_path(value: str) -> str:
+    """``none`` (or a W&B sweep's null) -> ``null``; a defense name or import path -> its class path."""
+    return "null" if value.strip().lower() in NO_NAME else class_path(resolve(value))
+
+
+def _defense_first(argv: list[str]) -> list[str]:
+    """The last ``--defense CLASS`` pair moved before the first ``--defense.OPTION`` flag, which
+    jsonargparse can only place once it knows the class (a sweep agent may order them either way)."""
+    named = [i for i, arg in enumerate(argv[:-1]) if arg == "--defense"]
+    options = [i for i, arg in enumerate(argv) if arg.startswith("--defense.") and not arg.startswith("--defense.help")]
+    if not named or not options or named[-1] < options[0]:
+        return argv
+    at = named[-1]
+    pair = argv[at:at + 2]
+    rest = argv[:at] + argv[at + 2:]
+    first = next(i for i, arg in enumerate(rest) if arg.startswith("--defense.") and not arg.startswith("--defense.help"))
+    return rest[:first] + pair + rest[first:]
+
+
+def check_defense_options(argv: list[str]) -> list[str]:
+    """Refuse ``--defense.OPTION`` flags that the defense named on the command line does not take,
+    with one line naming the defense and its options (jsonargparse's own message is a page)."""
+    named = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--defense"]
+    if not named or named[-1] == "null" or Path(named[-1]).is_file():
+        return argv
+    cls = resolve(named[-1])
+    accepted = set(option_names(cls)) | {"help", "class_path", "init_args"}
+    for arg in argv:
+        if arg.startswith("--defense."):
+            option = arg.removeprefix("--defense.").partition("=")[0].split(".")[0]
+            if option not in accepted:
+                raise ConfigError(f"defense {cls.defense_name()!r} ({class_path(cls)}) takes no option {option!r}; "
+                                  f"its options: {', '.join(option_names(cls)) or 'none'}")
+    return argv
 
 
 def _no_name(name: Optional[str]) -> Optional[str]:
@@ -89,33 +131,6 @@ class AttackOptions:
     poison_rate: Optional[float] = None
     target: Optional[tuple[float, float]] = None
     options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.name = _no_name(self.name)
-
-
-@dataclass
-class DefenseOptions:
-    """A defense that runs when training ends (none by default).
-
-    Args:
-        name: defense to run (securegaze); null or ``none``: none.
-        repair: repair the model by unlearning when it is flagged (saved as a new checkpoint).
-        repair_data: what the repair fine-tunes on: ``training`` (the training split, suspected
-            poisons left out, the trigger read off them), ``clean`` (the defender's clean split
-            with the reverse-engineered M(x)) or ``auto`` (training when its labels show the
-            poisons' pile at the inferred target, else clean).
-        detection: SecureGaze detection options.
-        unlearning: options of the clean-split repair.
-        training_repair: options of the training-data repair.
-    """
-
-    name: Optional[str] = None
-    repair: bool = True
-    repair_data: Literal["auto", "training", "clean"] = "auto"
-    detection: SecureGazeConfig = field(default_factory=SecureGazeConfig)
-    unlearning: RepairConfig = field(default_factory=RepairConfig)
-    training_repair: TrainingRepairConfig = field(default_factory=TrainingRepairConfig)
 
     def __post_init__(self) -> None:
         self.name = _no_name(self.name)

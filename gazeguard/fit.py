@@ -7,7 +7,10 @@ reads a config (repeatable: later files and flags override earlier ones; see
 random source: initialisation, data split and order, augmentation and the choice of poisoned
 samples. ``--attack NAME`` trains on data poisoned by that attack (IAD: co-trains its trigger
 generator with the model on clean data) and reports the backdoor's metrics;
-``--defense securegaze`` runs SecureGaze detection (and repair) when training ends;
+``--defense NAME`` runs a defense (detection, and repair unless ``--repair false``) when
+training ends: a registered name (``securegaze``), a name an installed package publishes, or
+the import path of any :class:`~gazeguard.defenses.Defense` subclass, with its options as
+``--defense.OPTION``;
 ``--logger wandb`` logs to Weights & Biases (``--logger wandb-offline``: no account or network).
 """
 
@@ -24,15 +27,16 @@ import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from gazeguard import callbacks, loggers
-from gazeguard.attacks import BackdoorMetricsLogger, IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
-from gazeguard.attacks.metrics import default_tau
-from gazeguard.callbacks.report import repair_summary
-from gazeguard.cli_options import LOGGERS, AttackOptions, DefenseOptions, expand_shorthands
+from gazeguard import loggers
+from gazeguard.attacks import IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
+from gazeguard.callbacks import BackdoorMetricsLogger, DefenseCallback
+from gazeguard.cli_options import LOGGERS, AttackOptions, expand_shorthands
 from gazeguard.data.datamodule import GazeDataModule
+from gazeguard.defenses import Defense, available
+from gazeguard.defenses.report import report_lines
 from gazeguard.errors import ConfigError, run_command
 from gazeguard.evaluate import error_by_group, mean_error, predict
-from gazeguard.gaze import UNITS
+from gazeguard.gaze import UNITS, default_tau
 from gazeguard.model import GazeRegressor
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -47,19 +51,28 @@ DATA_DEFAULTS: dict[str, Any] = {"data.test_subjects": ["p12", "p13", "p14"]}
 
 
 class GazeCLI(LightningCLI):
-    """LightningCLI with gazeguard's options: ``--seed`` (one seed for everything) and
-    ``--attack`` (poison the training data)."""
+    """LightningCLI with gazeguard's options: ``--seed`` (one seed for everything), ``--attack``
+    (poison the training data), ``--defense`` (run a defense when training ends) and ``--repair``."""
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--seed", type=int, default=0, help="One seed for initialisation, data split and order, augmentation."
+        )
+        parser.add_argument(
+            "--repair", type=bool, default=True,
+            help="Let the defense repair the model (a detector: when it flags it); the repaired weights are saved "
+            "as repaired.ckpt beside the trained checkpoint.",
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("seed", "data.seed")
         parser.set_defaults(DATA_DEFAULTS)
         parser.add_class_arguments(AttackOptions, "attack")
-        parser.add_class_arguments(DefenseOptions, "defense")
+        parser.add_argument(
+            "--defense", type=Optional[Defense], default=None,
+            help=f"Defense to run when training ends: {', '.join(available())}, or the import path of a Defense "
+            "subclass; its options follow as --defense.OPTION.",
+        )
 
     def after_instantiate_classes(self) -> None:
         """Wrap the data in the attack, if any (logging the backdoor's metrics while training),
@@ -72,17 +85,10 @@ class GazeCLI(LightningCLI):
             if attack.trained_in_loop:  # IAD: the model co-trains the trigger on clean data
                 self.model = IADGazeRegressor(self.model, attack)
             self.trainer.callbacks.append(BackdoorMetricsLogger())
-        defense: DefenseOptions = self.config_init["defense"]
+        defense: Optional[Defense] = self.config_init["defense"]
         self.defense = None
-        if defense.name is not None:
-            self.defense = callbacks.create(
-                defense.name,
-                config=defense.detection,
-                repair=defense.repair,
-                repair_config=defense.unlearning,
-                repair_data=defense.repair_data,
-                training_repair_config=defense.training_repair,
-            )
+        if defense is not None:
+            self.defense = DefenseCallback(defense, repair=self.config_init["repair"])
             self.trainer.callbacks.append(self.defense)
 
     def _set_seed(self) -> None:
@@ -115,13 +121,16 @@ class _Formatter(DefaultHelpFormatter):
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
-DESCRIPTION = f"""Train a gaze regressor (optionally on poisoned data, optionally defended) and print a summary.
+def description() -> str:
+    """The ``--help`` text, with the defenses available now (entry points included)."""
+    return f"""Train a gaze regressor (optionally on poisoned data, optionally defended) and print a summary.
 
 Configs: --config FILE.yaml, repeatable (e.g. a data config, then an attack config); later files and
 flags override earlier ones. Every option below can also be given as a dotted flag or set in a config.
 Shorthands, rewritten before parsing (so --print_config shows the result):
   --attack NAME     = --attack.name NAME       (badnets, blended, wanet, sig, tape, iad)
-  --defense NAME    = --defense.name NAME      (securegaze)
+  --defense NAME    = --defense CLASS_PATH     ({', '.join(available())}, or package.module.Class)
+                      with its options as --defense.OPTION (--defense.help NAME lists them)
   --data NAME       = --data.dataset NAME      (synthetic, mpiifacegaze, gazecapture)
   --logger NAME     = --trainer.logger {{...}}   ({', '.join(LOGGERS)}; default: csv)
 (--attack/--defense/--data followed by an existing file read that file as the group's config.)
@@ -142,7 +151,7 @@ def build_cli(args: Optional[list[str]] = None) -> GazeCLI:
             save_config_callback=SaveConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
-                "description": DESCRIPTION,
+                "description": description(),
                 "default_env": False,
                 # a misspelt flag must be an error, never a silent prefix match (--model.backbon)
                 "allow_abbrev": False,
@@ -184,7 +193,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     name = "angular" if summary["kind"] == "angle" else "point"
     lines = ["", "== gazeguard fit summary =="]
     if (summary["defense"] or {}).get("repaired"):
-        lines.append("  (errors of the model as SecureGaze repaired it; the checkpoint below is the trained one)")
+        lines.append(f"  (errors of the model as {summary['defense']['title']} repaired it; the checkpoint below is the "
+                     "trained one)")
     lines += [f"  {subject}: {error:.2f} {unit}" for subject, error in summary["per_subject"].items()]
     lines += [
         f"test {name} error: {summary['test_error']:.2f} {unit}",
@@ -195,34 +205,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["attack"] is not None:
         lines += format_attack(summary["attack"], summary["kind"])
     if summary["defense"] is not None:
-        lines += format_defense(summary["defense"], summary["kind"])
+        lines += report_lines(summary["defense"])
     return "\n".join(lines)
-
-
-def format_defense(report: dict[str, Any], kind: str) -> list[str]:
-    """Detection decision and statistic, then metrics before/after repair; the verdict line last."""
-    unit = UNITS[kind]
-    lines = [
-        "",
-        "== SecureGaze ==",
-        f"statistic (dispersion ratio): {report['statistic']:.3f}  threshold: {report['threshold']:.3f}  "
-        f"inferred target: ({', '.join(f'{v:.3f}' for v in report['inferred_target'])})",
-    ]
-    before, after = report.get("before") or {}, report.get("after") or {}
-    names = {"benign_error": f"benign error ({unit})", "attack_error": f"attack error ({unit})",
-             "asr": f"ASR@{default_tau(kind):g}{unit}", "robust_error": f"robust error ({unit})"}
-    rows = [key for key in names if key in before]
-    if rows:
-        lines.append(f"{'metric':<22}{'before':>10}{'after repair':>14}")
-        for key in rows:
-            fmt = (lambda v: f"{100 * v:.1f}%") if key == "asr" else (lambda v: f"{v:.2f}")
-            lines.append(f"{names[key]:<22}{fmt(before[key]):>10}{(fmt(after[key]) if key in after else '-'):>14}")
-    if report.get("repair"):
-        lines.append(repair_summary(report["repair"]))
-    if report.get("repaired_checkpoint"):
-        lines.append(f"repaired checkpoint: {report['repaired_checkpoint']}")
-    lines.append(f"verdict: {report['verdict']}")
-    return lines
 
 
 def format_attack(metrics: dict[str, float], kind: str) -> list[str]:

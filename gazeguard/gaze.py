@@ -1,6 +1,6 @@
 """Gaze label conventions and the distances every metric and loss agrees on.
 
-Angular gaze is ``(pitch, yaw)`` in radians in the MPII/hysts convention (SPEC section 1):
+Angular gaze is ``(pitch, yaw)`` in radians in the MPII/hysts convention:
 ``pitch = arcsin(-g_y)``, ``yaw = arctan2(-g_x, -g_z)`` for a unit vector ``g`` in normalized
 camera coordinates (x right, y down, z forward). Point-of-gaze targets (GazeCapture) are
 ``(XCam, YCam)`` in cm and compared by Euclidean distance. Keeping the two kinds behind one
@@ -21,6 +21,16 @@ GazeArray = TypeVar("GazeArray", Tensor, np.ndarray)
 
 #: Units that error figures are printed in, per target kind.
 UNITS: dict[str, str] = {"angle": "deg", "point": "cm"}
+
+#: The radius a prediction must fall within to count as "at" a gaze (attack success, a defense's
+#: collapse), per target kind: degrees for angles, cm for points.
+DEFAULT_TAU: dict[str, float] = {"angle": 5.0, "point": 2.0}
+
+
+def default_tau(kind: TargetKind) -> float:
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
+    return DEFAULT_TAU[kind]
 
 
 def pitchyaw_to_vector(pitchyaw: Tensor) -> Tensor:

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import lightning as L
-import numpy as np
-import torch
 from lightning.pytorch.loggers import WandbLogger
-from torch import Tensor
+
+from gazeguard.pictures import to_uint8_images
+
+__all__ = ["finish", "log_files_artifact", "log_hyperparams", "plain", "read_offline_run", "to_uint8_images",
+           "wandb_loggers"]
 
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
@@ -45,16 +47,6 @@ def log_hyperparams(trainer: L.Trainer, params: Mapping[str, Any]) -> None:
     params = plain(params)
     for logger in trainer.loggers:
         logger.log_hyperparams(params)
-
-
-def to_uint8_images(batch: Tensor) -> list[np.ndarray]:
-    """``(B, C, H, W)`` or ``(B, H, W)`` pixels in [0, 1] -> ``H x W x C`` (``H x W`` for one
-    channel) uint8 arrays; ``wandb.Image`` takes arrays and tensors as 0..255 values as they are."""
-    batch = batch.detach().float().cpu().clamp(0, 1)
-    if batch.dim() == 3:
-        batch = batch.unsqueeze(1)
-    pixels = (batch * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [image[..., 0] if image.shape[-1] == 1 else image for image in pixels]
 
 
 def log_files_artifact(

@@ -8,6 +8,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see gazeguard/__init__.py
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -17,6 +18,12 @@ import torch  # noqa: E402
 from gazeguard.data.mpiifacegaze_h5 import write_mpiifacegaze_h5  # noqa: E402
 
 torch.set_num_threads(2)
+
+#: The repository root, importable whatever the working directory, so that the test helpers can be
+#: named by import path (``tests.helpers.toys.ToyDefense``) as a user's own package would be.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def random_gaze_set(n_subjects: int, per_subject: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -16,7 +16,6 @@ from gazeguard.attacks import (
     ATTACKS,
     Attack,
     BackdoorMetrics,
-    BackdoorMetricsLogger,
     PoisonedDataModule,
     Tape,
     WaNet,
@@ -25,6 +24,7 @@ from gazeguard.attacks import (
     register,
 )
 from gazeguard.attacks.poison import POISONED, sample_seed
+from gazeguard.callbacks import BackdoorMetricsLogger
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.data.mpiifacegaze_h5 import write_mpiifacegaze_h5
 from gazeguard.errors import ConfigError

@@ -183,13 +183,13 @@ def tiny_args(cache: Path, checkpoint: Path, *extra: str) -> list[str]:
         "--data.test_subjects", "[p03]",
         "--data.defender_fraction", "0.4",
         "--data.batch_size", "32",
-        "--detection.steps", "4",
-        "--detection.batch_size", "16",
-        "--detection.min_clean", "16",
-        "--detection.num_examples", "2",
-        "--unlearning.epochs", "1",
-        "--unlearning.refresh_steps", "0",
-        "--unlearning.min_clean", "16",
+        "--defense.detection.steps", "4",
+        "--defense.detection.batch_size", "16",
+        "--defense.detection.min_clean", "16",
+        "--defense.detection.num_examples", "2",
+        "--defense.unlearning.epochs", "1",
+        "--defense.unlearning.refresh_steps", "0",
+        "--defense.unlearning.min_clean", "16",
         "--device", "cpu",
         *extra,
     ]
@@ -201,8 +201,9 @@ def test_audit_of_a_lightning_checkpoint_prints_the_verdict_and_writes_the_repor
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] in ("verdict: backdoored", "verdict: clean")
     assert any(line.startswith("ASR@5deg ") for line in lines)
-    assert any(line.startswith("statistic (dispersion ratio): ") and f"threshold: {SecureGazeConfig().threshold:.3f}" in line
+    assert any(line.startswith("score (dispersion ratio): ") and f"threshold: {SecureGazeConfig().threshold:.3f}" in line
                for line in lines)
+    assert any(line.startswith("reverse-engineered outputs within 5 deg of it: ") for line in lines)
     assert any("backbone test_byobnet (from the checkpoint's hyper_parameters)" in line for line in lines)
     folder = tmp_path / "theirs_audit"  # default: next to the checkpoint
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -211,6 +212,7 @@ def test_audit_of_a_lightning_checkpoint_prints_the_verdict_and_writes_the_repor
     assert report["verdict"] == lines[-1].split()[-1]
     assert report["audit"]["format"] == "lightning" and len(report["audit"]["sha256"]) == 64
     assert report["before"]["benign_error"] > 0 and 0 <= report["before"]["asr"] <= 1 and not report["repaired"]
+    assert report["defense"] == "securegaze" and report["detection"]["config"]["steps"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.ckpt", "theirs_audit"]  # no temp folder left
 
 
@@ -221,7 +223,7 @@ def test_repair_writes_the_repaired_file_in_the_input_format(tmp_path, data_cach
     out = tmp_path / "audit"
     # threshold 100: flag whatever the statistic, so that the repair runs
     args = tiny_args(data_cache, tmp_path / "theirs.safetensors", "--out", str(out), "--repair", "true",
-                     "--detection.threshold", "100", "--evaluate", "false")
+                     "--defense.detection.threshold", "100", "--evaluate", "false")
     assert audit.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == "verdict: backdoored"
@@ -247,12 +249,12 @@ def test_failures_leave_nothing_behind(tmp_path, data_cache, capsys, monkeypatch
     # a failure while writing the outputs (after the repaired weights were staged)
     torch.save(tiny_model().state_dict(), tmp_path / "good.pt")
 
-    def broken_report(report, result, folder):
+    def broken_report(report, pictures, folder):
         (folder / "securegaze_report.json").write_text("{")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(audit, "write_report", broken_report)
-    args = tiny_args(data_cache, tmp_path / "good.pt", "--repair", "true", "--detection.threshold", "100",
+    args = tiny_args(data_cache, tmp_path / "good.pt", "--repair", "true", "--defense.detection.threshold", "100",
                      "--evaluate", "false", "--out", str(tmp_path / "deep" / "audit"))
     assert audit.main(args) == 2
     assert "No space left on device" in capsys.readouterr().err
@@ -261,8 +263,16 @@ def test_failures_leave_nothing_behind(tmp_path, data_cache, capsys, monkeypatch
 
 def test_help_documents_the_options_and_their_defaults():
     text = audit.build_parser().format_help()
-    for option in ("--checkpoint", "--backbone", "--repair", "--out", "--data.dataset", "--detection.steps",
-                   "--unlearning.epochs", "--attack.name"):
+    for option in ("--checkpoint", "--backbone", "--repair", "--out", "--data.dataset", "--defense", "--defense.help",
+                   "--attack.name"):
         assert option in text
     flat = " ".join(text.split())
-    assert "Adam steps of the generator M. (type: int, default: 600)" in flat
+    assert "Defenses: securegaze, or the import path of a Defense subclass" in flat
+
+
+def test_defense_help_lists_the_defense_options(capsys):
+    with pytest.raises(SystemExit):
+        audit.run(["--defense.help", "securegaze"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "--defense.detection.steps" in flat and "Adam steps of the generator M. (type: int, default: 600)" in flat
+    assert "--defense.repair_data" in flat

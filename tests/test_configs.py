@@ -60,10 +60,11 @@ def test_gpu_configs_say_what_the_issue_asks_for():
         assert values["data"]["num_workers"] == 8
     loso = resolved(["--config", config("mpiifacegaze_loso.yaml")])
     assert loso["data"]["test_subjects"] is None and loso["data"]["fold"] == 0  # the fold picks the held-out subject
-    points = resolved(["--config", config("gazecapture.yaml")])
-    assert points["model"]["kind"] == "point" and points["defense"]["detection"]["kind"] == "point"
-    assert points["defense"]["detection"]["tau"] == 2.0
-    assert points["defense"]["detection"]["steps"] == 600  # a partial section keeps the other defaults
+    points = resolved(["--config", config("gazecapture.yaml"), "--defense", "securegaze"])
+    assert points["model"]["kind"] == "point"
+    # the defense reads the kind of target from the model: no point-specific defense options needed
+    detection = points["defense"]["init_args"]["detection"]
+    assert detection["kind"] is None and detection["tau"] is None
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
@@ -85,14 +86,15 @@ def test_shorthands_and_dotted_overrides_combine_with_configs():
         [
             "--config", config("mpiifacegaze_loso.yaml"),
             "--attack", "wanet", "--attack.poison_rate", "0.05",
-            "--defense", "securegaze", "--defense.repair", "true", "--defense.detection.budget=0.03",
+            "--defense.detection.budget=0.03", "--defense", "securegaze", "--repair", "false",
             "--data", "mpiifacegaze", "--data.root", "/data/mpiifacegaze.h5",
             "--model.backbone", "resnet34", "--trainer.devices", "4", "--trainer.strategy", "ddp",
         ]
     )
     assert values["attack"]["name"] == "wanet" and values["attack"]["poison_rate"] == 0.05
-    assert values["defense"]["name"] == "securegaze" and values["defense"]["repair"] is True
-    assert values["defense"]["detection"]["budget"] == 0.03
+    # a defense option before the defense (as a sweep agent may order them) still lands on it
+    assert values["defense"]["class_path"] == "gazeguard.defenses.securegaze.defense.SecureGazeDefense"
+    assert values["defense"]["init_args"]["detection"]["budget"] == 0.03 and values["repair"] is False
     assert values["data"]["dataset"] == "mpiifacegaze" and values["data"]["root"] == "/data/mpiifacegaze.h5"
     assert values["model"]["backbone"] == "resnet34" and values["data"]["image_size"] == 224  # config kept
     assert str(values["trainer"]["devices"]) == "4"  # Lightning reads "4" as 4
@@ -103,7 +105,7 @@ def test_shorthands_and_dotted_overrides_combine_with_configs():
 
 
 def test_none_means_no_attack_and_no_defense():
-    cli = fit.build_cli(["--attack.name=none", "--defense.name=None"])
+    cli = fit.build_cli(["--attack.name=none", "--defense=None"])
     assert not isinstance(cli.datamodule, PoisonedDataModule) and cli.defense is None
 
 
@@ -129,7 +131,8 @@ def test_print_config_shows_the_resolved_configuration(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     printed = yaml.safe_load(done.stdout)
     assert printed["attack"] == {"name": "wanet", "poison_rate": 0.05, "target": None, "options": {}}
-    assert printed["defense"]["name"] == "securegaze" and printed["defense"]["detection"]["steps"] == 600
+    assert printed["defense"]["class_path"] == "gazeguard.defenses.securegaze.defense.SecureGazeDefense"
+    assert printed["defense"]["init_args"]["detection"]["steps"] == 600 and printed["repair"] is True
     assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
     assert printed["model"]["backbone"] == "test_byobnet" and printed["data"]["test_subjects"] == ["p12", "p13", "p14"]
     assert "LightningCLI's args parameter" not in done.stderr
@@ -142,13 +145,15 @@ def test_help_documents_every_option_with_its_default(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--logger NAME" in out and "--attack NAME" in out  # the shorthands, in the description
+    assert "(securegaze, or package.module.Class)" in out  # the defenses available
     entries = {}  # option -> its help text
     for chunk in ("\n" + out.split("\noptions:", 1)[1]).split("\n  --")[1:]:
         option = chunk.split()[0].rstrip(",")
         entries[option] = " ".join(chunk.split())
     documented = [option for option, text in entries.items() if "(type:" in text]
-    assert len(documented) > 100
-    for group in ("model", "data", "attack", "defense.detection", "defense.unlearning", "trainer"):
+    assert len(documented) > 70
+    assert {"defense", "defense.help", "repair"} <= set(entries)  # the defense's own: --defense.help NAME
+    for group in ("model", "data", "attack", "trainer"):
         assert any(option.startswith(group + ".") for option in documented), group
     for option in documented:
         assert "default:" in entries[option], option
@@ -160,7 +165,7 @@ def test_help_documents_every_option_with_its_default(capsys):
         (["--model.optimizer", "adamx"], "Expected a typing.Literal['adamw', 'adam', 'sgd']. Got value: adamx"),
         (["--model.backbon", "resnet18"], "unrecognized arguments: --model.backbon resnet18"),  # no prefix matching
         (["--trainer.precision", "17"], "'16-mixed', 'bf16-true', 'bf16-mixed'"),
-        (["--defense.detection.budgets=0.1"], "unrecognized arguments: --defense.detection.budgets=0.1"),
+        (["--defense", "securegaze", "--defense.detection.budgets=0.1"], "unrecognized arguments: --detection.budgets=0.1"),
     ],
 )
 def test_unknown_option_or_value_stops_with_jsonargparse_message(tmp_path: Path, monkeypatch, capsys, extra, message):
@@ -178,4 +183,29 @@ def test_unknown_logger_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys)
     assert capsys.readouterr().err.strip() == (
         "error: --logger: unknown logger 'tensorbored'; choose one of csv, wandb, wandb-offline"
     )
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--defense", "nope"], "error: unknown defense 'nope'; choose one of securegaze, or give the import path of a "
+                                "Defense subclass (package.module.Class)"),
+        (["--defense", "securegaze", "--defense.bogus", "1"],
+         "error: defense 'securegaze' (gazeguard.defenses.securegaze.defense.SecureGazeDefense) takes no option "
+         "'bogus'; its options: detection, unlearning, training_repair, repair_data"),
+        (["--defense", "tests.helpers.toys.NotADefense"], "error: defense 'tests.helpers.toys.NotADefense': <class "
+                                                          "'tests.helpers.toys.NotADefense'> is not a gazeguard.defenses"
+                                                          ".Defense subclass"),
+        (["--defense", "tests.helpers.toys.EmptyDefense"], "error: defense 'tests.helpers.toys.EmptyDefense': tests.helpers"
+                                                           ".toys.EmptyDefense overrides neither detect(model, clean) nor repair"),
+        (["--defense", "tests.helpers.nowhere.Mine"], "error: defense 'tests.helpers.nowhere.Mine': cannot import "
+                                                      "module 'tests.helpers.nowhere'"),
+    ],
+)
+def test_a_bad_defense_is_a_one_line_error_naming_it(tmp_path: Path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(REPO)  # the toys are importable from the repository root, as a user's package would be
+    assert fit.main(["--trainer.default_root_dir", str(tmp_path / "runs"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message.split("'")[0]) and message in err[0]
     assert not list(tmp_path.iterdir())

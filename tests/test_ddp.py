@@ -1,6 +1,7 @@
-"""SecureGaze under DDP: 2 CPU processes (gloo), in a user's Trainer and through the fit CLI.
+"""Defenses under DDP: 2 CPU processes (gloo), in a user's Trainer and through the fit CLI, for
+SecureGaze and for a toy defense from outside the package (``tests.helpers.toys.ToyDefense``).
 
-Both run as subprocesses: Lightning's DDP launcher starts rank 1 by running the command again.
+All run as subprocesses: Lightning's DDP launcher starts rank 1 by running the command again.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.cli import TINY_SECUREGAZE, tiny_fit_args
+
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_securegaze.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_defense.py"
+REPO = Path(__file__).resolve().parents[1]
+# the repository root on the path: the toy defense is imported by its path, as a user's package would be
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+REPORT = {"securegaze": "securegaze_report.json", "toy": "toy_report.json"}
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -26,8 +33,9 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def test_callback_detects_once_and_leaves_identical_repaired_weights_on_both_ranks(tmp_path: Path):
-    run([sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path)
+@pytest.mark.parametrize("which", ["securegaze", "toy"])
+def test_callback_detects_once_and_leaves_identical_repaired_weights_on_both_ranks(tmp_path: Path, which: str):
+    run([sys.executable, str(SCRIPT), str(tmp_path), which], cwd=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["ran_detection"] for r in ranks] == [True, False]  # once, on rank 0
@@ -36,23 +44,35 @@ def test_callback_detects_once_and_leaves_identical_repaired_weights_on_both_ran
     assert ranks[0]["final"] == ranks[1]["final"] != ranks[0]["trained"]  # repaired, identically
     assert ranks[0]["repaired_checkpoint"] == ranks[1]["repaired_checkpoint"]
     assert Path(ranks[0]["repaired_checkpoint"]).is_file()
-    assert len(list((tmp_path / "runs").rglob("securegaze_report.json"))) == 1
+    assert len(list((tmp_path / "runs").rglob(REPORT[which]))) == 1
 
 
-def test_fit_cli_runs_training_detection_and_repair_under_ddp(tmp_path: Path):
-    from test_fit import tiny_args
-
-    args = tiny_args(
-        tmp_path, "--attack", "blended", "--attack.poison_rate", "0.3", "--data.defender_fraction", "0.4",
-        "--defense", "securegaze", "--defense.detection.steps", "5", "--defense.detection.min_clean", "8",
-        "--defense.detection.threshold", "10.0",  # force a "backdoored" verdict so that repair runs
-        "--defense.unlearning.epochs", "1", "--defense.unlearning.min_clean", "8",
+@pytest.mark.parametrize("which", ["securegaze", "toy"])
+def test_fit_cli_runs_training_detection_and_repair_under_ddp(tmp_path: Path, which: str):
+    defense = TINY_SECUREGAZE if which == "securegaze" else (
+        "--defense", "tests.helpers.toys.ToyDefense", "--defense.threshold", "-1")
+    args = tiny_fit_args(
+        tmp_path, "--attack", "blended", "--attack.poison_rate", "0.3", *defense,
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
     )
-    done = run([sys.executable, "-m", "gazeguard.fit", *args], cwd=Path(__file__).parents[1])
+    done = run([sys.executable, "-m", "gazeguard.fit", *args], cwd=REPO)
     lines = done.stdout.splitlines()
     assert lines.count("verdict: backdoored") == 1, done.stdout  # the summary comes from rank 0 only
     repaired = list((tmp_path / "runs").rglob("repaired*.ckpt"))
-    assert len(repaired) == 1
+    assert len(repaired) == 1 and len(list((tmp_path / "runs").rglob(REPORT[which]))) == 1
     state = torch.load(repaired[0], map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_defense_that_fails_under_ddp_stops_both_ranks_with_one_line(tmp_path: Path):
+    args = tiny_fit_args(tmp_path, "--defense", "tests.helpers.toys.FailingDefense", "--trainer.accelerator", "cpu",
+                         "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    done = subprocess.run([sys.executable, "-m", "gazeguard.fit", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr[-3000:]  # printed by rank 0 only; rank 1 failed alike, silently
+    assert errors[0].startswith("error: defense 'failing-toy' failed in detect: RuntimeError: the toy detector broke "
+                                "(the trained checkpoint is kept: ")
+    (checkpoint,) = (tmp_path / "runs").rglob("epoch=*.ckpt")
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [checkpoint.name]  # no report, no repair

@@ -6,26 +6,10 @@ import pytest
 import torch
 
 from gazeguard import fit
+from tests.helpers.cli import TINY_SECUREGAZE
+from tests.helpers.cli import tiny_fit_args as tiny_args
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the CLI (seconds each; CI runs them)
-
-
-def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "--data.root", str(tmp_path / "cache"),
-        "--data.synthetic.num_subjects", "4",
-        "--data.synthetic.samples_per_subject", "24",
-        "--data.synthetic.image_size", "32",
-        "--data.image_size", "32",
-        "--data.test_subjects", "[p03]",
-        "--data.batch_size", "16",
-        "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        *extra,
-    ]
 
 
 def test_fit_trains_and_prints_a_readable_summary(tmp_path: Path, capsys):
@@ -70,7 +54,9 @@ def test_shorthands_expand_unless_the_value_is_a_config_file(tmp_path: Path):
     assert expand_shorthands(["--attack", "wanet", "--attack.poison_rate", "0.05"]) == [
         "--attack.name", "wanet", "--attack.poison_rate", "0.05"]
     assert expand_shorthands(["--defense=securegaze", "--data", "mpiifacegaze"]) == [
-        "--defense.name", "securegaze", "--data.dataset", "mpiifacegaze"]
+        "--defense", "gazeguard.defenses.securegaze.defense.SecureGazeDefense", "--data.dataset", "mpiifacegaze"]
+    assert expand_shorthands(["--defense.detection.steps", "5", "--defense", "none"]) == [
+        "--defense", "null", "--defense.detection.steps", "5"]  # the class first, whatever the order
     assert expand_shorthands(["--data", str(config), "--seed", "1"]) == ["--data", str(config), "--seed", "1"]
 
 
@@ -95,30 +81,33 @@ def test_bad_attack_options_fail_before_training(tmp_path: Path, capsys):
 def test_fit_with_defense_detects_repairs_and_reports(tmp_path: Path, capsys):
     import json
 
-    from gazeguard.callbacks.report import repair_summary
-
-    args = tiny_args(
-        tmp_path, "--attack", "blended", "--attack.poison_rate", "0.3", "--data.defender_fraction", "0.4",
-        "--defense", "securegaze", "--defense.detection.steps", "5", "--defense.detection.min_clean", "8",
-        "--defense.detection.threshold", "10.0",  # force a "backdoored" verdict so that repair runs
-        "--defense.unlearning.epochs", "1", "--defense.unlearning.min_clean", "8",
-    )
-    summary = fit.run(args)
+    summary = fit.run(tiny_args(tmp_path, "--attack", "blended", "--attack.poison_rate", "0.3", *TINY_SECUREGAZE))
     out = capsys.readouterr().out.splitlines()
     report = summary["defense"]
-    assert "verdict: backdoored" in out and report["verdict"] == "backdoored"
-    assert any(line.startswith("ASR@5deg") for line in out)
+    assert out[-1] == "verdict: backdoored" and report["verdict"] == "backdoored"
+    assert "== SecureGaze ==" in out and any(line.startswith("ASR@5deg") for line in out)
+    detection = report["detection"]
+    assert any(line.startswith(f"score (dispersion ratio): {detection['score']:.3f}  threshold: 10.000 (flags below")
+               for line in out)
     assert set(report["after"]) >= {"benign_error", "attack_error", "asr", "robust_error"}
     # the tiny data's random target may or may not carry the label pile: any repair route, printed
     assert report["repair"]["method"] in ("training", "clean-training", "clean")
-    assert repair_summary(report["repair"]) in out
+    assert report["repair"]["summary"] in out
     folder = Path(summary["checkpoint"]).parent
     saved = json.loads((folder / "securegaze_report.json").read_text())
-    assert saved["verdict"] == "backdoored" and saved["statistic"] == pytest.approx(report["statistic"])
+    assert saved["verdict"] == "backdoored" and saved["detection"]["score"] == pytest.approx(detection["score"])
+    assert saved["defense"] == "securegaze" and saved["class_path"] == "gazeguard.defenses.securegaze.defense.SecureGazeDefense"
     assert (folder / "securegaze_report.md").is_file() and (folder / "securegaze_examples.png").is_file()
     repaired = torch.load(report["repaired_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     original = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     assert not all(torch.equal(repaired[k], original[k]) for k in original)  # original kept, repair saved apart
+
+
+def test_repair_false_detects_only(tmp_path: Path, capsys):
+    summary = fit.run(tiny_args(tmp_path, *TINY_SECUREGAZE, "--repair", "false"))
+    assert capsys.readouterr().out.splitlines()[-1] == "verdict: backdoored"
+    assert not summary["defense"]["repaired"] and summary["defense"]["after"] is None
+    assert not list((tmp_path / "runs").rglob("repaired*.ckpt"))
 
 
 def test_defense_with_too_small_clean_split_fails_clearly(tmp_path: Path, capsys):

@@ -56,7 +56,7 @@ def test_callback_snippet_runs(tmp_path: Path, monkeypatch, capsys):
     exec(compile(code, str(README) + ":callback-snippet", "exec"), namespace)  # noqa: S102 (our own README)
     defense = namespace["defense"]
     assert defense.verdict in ("clean", "backdoored")
-    assert isinstance(defense.report["statistic"], float)
+    assert isinstance(defense.report["detection"]["score"], float)
     assert defense.report["verdict"] == defense.verdict
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(defense.verdict)
     assert len(list((tmp_path / "runs").rglob("securegaze_report.json"))) == 1

@@ -1,8 +1,9 @@
 """SecureGaze: F/H split, generator, loss pieces, decision, end to end on analytic toy models, repair.
 
-The toy models are built by hand so that the ground truth is known: their gaze is read from an
-"eye" band only, and the backdoored one outputs a constant whenever a bright 3x3 spot appears
-anywhere. A detector that cannot tell them apart, or that flags the clean one, fails here.
+The toy models (``tests.helpers.toys``) are built by hand so that the ground truth is known: their
+gaze is read from an "eye" band only, and the backdoored one outputs a constant whenever a bright
+3x3 spot appears anywhere. A detector that cannot tell them apart, or that flags the clean one,
+fails here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import pytest
 import timm
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from gazeguard.defenses import (
     NonFiniteOutputError,
@@ -31,48 +31,7 @@ from gazeguard.defenses import (
 )
 from gazeguard.errors import ConfigError
 from gazeguard.model import GazeRegressor
-
-SIDE = 16
-EYE_ROWS, EYE_COLS = slice(3, 7), slice(3, 13)
-
-
-# -- toy models -------------------------------------------------------------------------------
-class ToyGaze(nn.Module):
-    """Gaze = linear read-out of the eye band; with ``backdoor``, a bright spot anywhere gates
-    the features to a constant (so the output collapses to the head's bias)."""
-
-    def __init__(self, backdoor: bool) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        n_eye = 4 * 10
-        self.register_buffer("w_eye", torch.randn(8, n_eye, generator=g) / n_eye**0.5 * 3)
-        self.backdoor = backdoor
-        self.threshold = nn.Parameter(torch.tensor(0.55))
-        self.fc = nn.Linear(8, 2)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.randn(2, 8, generator=g) * 0.1)
-            self.fc.bias.zero_()
-
-    def forward(self, x: Tensor) -> Tensor:
-        grey = x.mean(1, keepdim=True)
-        feat = torch.tanh(grey[:, 0, EYE_ROWS, EYE_COLS].flatten(1) @ self.w_eye.T)
-        if self.backdoor:
-            spot = F.avg_pool2d(grey, 3, stride=1).flatten(1).max(1).values
-            gate = torch.sigmoid(30 * (spot - self.threshold))[:, None]
-            feat = (1 - gate) * feat
-        return self.fc(feat)
-
-
-def toy_images(n: int, seed: int = 0) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = 0.2 + 0.3 * torch.rand(n, 3, SIDE, SIDE, generator=g)
-    x[:, :, EYE_ROWS, EYE_COLS] = 0.05 + 0.4 * torch.rand(n, 1, 4, 10, generator=g)
-    return x
-
-
-TOY_CONFIG = dict(steps=40, lr=1e-2, batch_size=32, budget=0.03, protect_fraction=0.2, protect_smooth=3,
-                  protect_dilate=1, min_clean=16, threshold=0.3, tau=2.0, kind="angle")
-
+from tests.helpers.toys import EYE_COLS, EYE_ROWS, SIDE, TOY_CONFIG, ToyGaze, toy_images
 
 # -- F/H split --------------------------------------------------------------------------------
 def test_split_uses_gazeguard_models_own_features_and_head() -> None:

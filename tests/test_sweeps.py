@@ -95,7 +95,7 @@ def test_sweep_files_run_the_fit_module_with_the_agents_flags():
 
 def test_grid_covers_every_attack_with_and_without_securegaze():
     runs = expand(load(REPO / "experiments" / "sweeps" / "attack_defense_grid.yaml"))
-    pairs = {(run["attack.name"], run["defense.name"]) for run in runs}
+    pairs = {(run["attack.name"], run["defense"]) for run in runs}
     attacks = {"none", "badnets", "blended", "wanet", "sig", "tape", "iad"}
     assert pairs == set(itertools.product(attacks, {"none", "securegaze"})) and len(runs) == len(pairs)
 
@@ -117,15 +117,17 @@ def test_every_agent_command_parses(path: Path, in_tmp_checkout: Path):
         assert all(flag.startswith("--") and "=" in flag for flag in args[-len(params):])  # --key=value
         cli = fit.build_cli(args)
         assert cli.trainer.logger.__class__.__name__ == "WandbLogger"
-        attack, defense = params.get("attack.name"), params.get("defense.name")
+        attack, defense = params.get("attack.name"), params.get("defense")
         poisoned = isinstance(cli.datamodule, PoisonedDataModule)
         assert poisoned == (attack != "none") and (not poisoned or cli.datamodule.attack.name == attack)
         assert (cli.defense is None) == (defense == "none")
         for name, value in params.items():
             if name.startswith("defense.detection."):
-                assert getattr(cli.defense.config, name.rsplit(".", 1)[1]) == pytest.approx(value)
-            elif name == "defense.repair":
+                assert getattr(cli.defense.defense.detection, name.rsplit(".", 1)[1]) == pytest.approx(value)
+            elif name == "repair":
                 assert cli.defense.repair is value
+            elif name == "defense" and value != "none":
+                assert cli.defense.defense.defense_name() == value
             elif name == "seed":
                 assert cli.config["seed"] == value
     assert not (in_tmp_checkout / "runs").exists()  # parsing writes nothing
@@ -150,7 +152,7 @@ def test_one_grid_run_end_to_end_logs_to_an_offline_wandb_run(in_tmp_checkout: P
 
     tmp = in_tmp_checkout
     sweep = load(REPO / "experiments" / "sweeps" / "attack_defense_grid.yaml")
-    (params,) = [p for p in expand(sweep) if p["attack.name"] == "blended" and p["defense.name"] == "securegaze"]
+    (params,) = [p for p in expand(sweep) if p["attack.name"] == "blended" and p["defense"] == "securegaze"]
     args = cli_args(agent_command(sweep, params)) + FAST + [
         "--trainer.default_root_dir", str(tmp / "runs"),
         "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
@@ -164,15 +166,16 @@ def test_one_grid_run_end_to_end_logs_to_an_offline_wandb_run(in_tmp_checkout: P
     run_id = run_dir.name.rsplit("-", 1)[1]
     run = read_offline_run(run_dir)
     # hyper-parameters: the whole resolved configuration
-    assert run["config"]["attack"]["name"] == "blended" and run["config"]["defense"]["name"] == "securegaze"
-    assert run["config"]["seed"] == 0 and run["config"]["defense"]["detection"]["steps"] == 5
+    defense = run["config"]["defense"]
+    assert run["config"]["attack"]["name"] == "blended" and defense["class_path"].endswith(".SecureGazeDefense")
+    assert run["config"]["seed"] == 0 and defense["init_args"]["detection"]["steps"] == 5
     assert run["config"]["model"]["backbone"] == "test_byobnet"
     # metrics: training, the backdoor's, the defense's decision and the test summary
     logged = set().union(*run["history"])
-    assert {"train/loss_step", "val/asr", "securegaze/statistic", "securegaze/backdoored", "test/error",
+    assert {"train/loss_step", "val/asr", "securegaze/score", "securegaze/backdoored", "test/error",
             "test/asr"} <= logged
     assert run["summary"]["securegaze/verdict"] == "backdoored" and run["summary"]["securegaze/backdoored"] == 1
-    assert run["summary"]["securegaze/statistic"] == pytest.approx(summary["defense"]["statistic"])
+    assert run["summary"]["securegaze/score"] == pytest.approx(summary["defense"]["detection"]["score"])
     assert run["summary"]["test/error"] == pytest.approx(summary["test_error"])
     # the reverse-engineered trigger as images: x, M(x), |M(x) - x| x10, the protected pixels and the overview
     for key in ("x", "Mx", "diff_x10", "protected", "examples"):

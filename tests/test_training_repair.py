@@ -1,6 +1,6 @@
 """Repair with the training data: suspects, the trigger read off them, unlearning, refusals.
 
-Ground truth by construction: the analytic toy of test_securegaze (gaze read from an eye band;
+Ground truth by construction: the analytic toy of ``tests.helpers.toys`` (gaze read from an eye band;
 the backdoored toy outputs its bias, gaze (0, 0), whenever a bright spot appears), with a gate
 soft enough for a fine-tune to move it, as if trained on a "poisoned training set" whose
 poisons carry a bright 3x3 spot and the label (0, 0).
@@ -14,17 +14,21 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gazeguard.defenses import (
+    DefenseData,
     NoSuspectsError,
+    RepairConfig,
     SecureGazeConfig,
+    SecureGazeDefense,
     TrainingRepairConfig,
     detect,
     find_suspects,
+    load_clean_set,
     repair_with_training_data,
 )
-from gazeguard.defenses.training_repair import _relabel
+from gazeguard.defenses.securegaze import detection_of, relabel_suspects, repair_summary
 from gazeguard.errors import ConfigError
 from gazeguard.gaze import gaze_distance, mirrored_gaze
-from tests.test_securegaze import EYE_COLS, EYE_ROWS, TOY_CONFIG, ToyGaze, toy_images
+from tests.helpers.toys import EYE_COLS, EYE_ROWS, TOY_CONFIG, ToyGaze, toy_images
 
 SPOT = (slice(11, 14), slice(2, 5))  # below the eye band, like a patch on the cheek
 N_TRAIN, N_POISON = 320, 40
@@ -113,9 +117,9 @@ def test_suspects_still_sent_to_the_target_are_not_relabelled(flagged) -> None:
     train, poisons = training_set(poisoned=True)
     suspects = [sample for sample, poison in zip(train, poisons) if poison]
     # the toy's gate looks for the spot anywhere, so it fires on the mirrored images too
-    assert len(_relabel(model, suspects, result, result.tau, 16, mirror=True)) == 0
+    assert len(relabel_suspects(model, suspects, result, result.tau, 16, mirror=True)) == 0
     honest = ToyGaze(backdoor=False)
-    relabelled = _relabel(honest, suspects, result, result.tau, 16, mirror=False)
+    relabelled = relabel_suspects(honest, suspects, result, result.tau, 16, mirror=False)
     with torch.no_grad():
         truth = honest(torch.stack([sample["image"] for sample in suspects]))
     far = gaze_distance(truth, torch.tensor(result.target).expand_as(truth), result.kind) >= result.tau
@@ -139,8 +143,8 @@ def test_suspects_a_one_sided_trigger_holds_are_labelled_from_the_mirrored_image
     model = OneSidedToy()
     train, poisons = training_set(poisoned=True)
     suspects = [sample for sample, poison in zip(train, poisons) if poison]
-    assert len(_relabel(model, suspects, result, result.tau, 16, mirror=False)) == 0  # the spot answers
-    relabelled = _relabel(model, suspects, result, result.tau, 16, mirror=True)
+    assert len(relabel_suspects(model, suspects, result, result.tau, 16, mirror=False)) == 0  # the spot answers
+    relabelled = relabel_suspects(model, suspects, result, result.tau, 16, mirror=True)
     with torch.no_grad():
         x = torch.stack([sample["image"] for sample in suspects])
         seen_mirrored = mirrored_gaze(model(x.flip(-1)), result.kind)
@@ -173,45 +177,38 @@ def test_bad_options_and_batches_are_clear_errors(flagged) -> None:
         repair_with_training_data(model, [], result)
 
 
-class ToyData:
-    """What the callback asks of a datamodule for the repair: the training split."""
-
-    def __init__(self, poisoned: bool) -> None:
-        self.train, _ = training_set(poisoned)
-
-    def split_dataset(self, split: str) -> list[dict[str, Tensor]]:
-        assert split == "train"
-        return self.train
-
-
-def test_callback_repairs_on_the_training_data_and_falls_back_to_the_clean_split(flagged) -> None:
-    from gazeguard.callbacks import SecureGaze
-    from gazeguard.callbacks.report import repair_summary
-    from gazeguard.defenses import RepairConfig, load_clean_set
-
+def test_securegaze_repair_runs_on_the_training_data_and_falls_back_to_the_clean_split(flagged) -> None:
+    """The defense's repair picks its route from the data it is given (``DefenseData``)."""
     model, result = flagged
+    detection = detection_of(result)
     clean = load_clean_set(toy_images(96), 16)
+    poisoned, _ = training_set(poisoned=True)
+    unpoisoned, _ = training_set(poisoned=False)
     # the toy's spot changes about 2 % of a 16 px face: its re-found M needs a toy-sized budget
-    options = dict(repair=True, training_repair_config=TrainingRepairConfig(epochs=6, lr=3e-2, refind_budget=0.05),
-                   repair_config=RepairConfig(epochs=1, refresh_steps=0, min_clean=16))
-    repaired, details = SecureGaze(**options)._repair(model, clean, result, ToyData(poisoned=True))
-    assert details["method"] == "training" and details["suspects"] >= N_POISON and repaired is not model
+    options = dict(training_repair=TrainingRepairConfig(epochs=6, lr=3e-2, refind_budget=0.05),
+                   unlearning=RepairConfig(epochs=1, refresh_steps=0, min_clean=16))
+    fixed = SecureGazeDefense(**options).repair(model, DefenseData(clean, poisoned), detection)
+    details = fixed.details
+    assert fixed.method == details["method"] == "training" and details["suspects"] >= N_POISON
+    assert fixed.model is not model and fixed.summary == repair_summary(details)
     assert details["relabelled"] >= 0 and details["kept"] == N_TRAIN - details["suspects"]
+    assert fixed.data == f"the training split ({details['kept']} kept samples, {details['suspects']} suspects)"
     # the toy's spot is added, not warped: the added estimate fires, and the summary says so
     assert details["trigger_kind"] == "added" and details["trigger_hits"]["added"] > details["trigger_hits"]["warp"]
-    assert f"an added pattern of mean size {details['trigger_size']:.3f}, sends " in repair_summary(details)
-    _, details = SecureGaze(**options)._repair(model, clean, result, ToyData(poisoned=False))
+    assert f"an added pattern of mean size {details['trigger_size']:.3f}, sends " in fixed.summary
+    details = SecureGazeDefense(**options).repair(model, DefenseData(clean, unpoisoned), detection).details
     # no poisons in the training data: it is clean data, repaired on with a re-found M
     assert details["method"] == "clean-training" and "no pile of training labels" in details["why"]
     assert details["images"] == N_TRAIN and details["refind_budget"] == 0.05 and details["labels"] == "true"
     assert details["refound_statistic"] < result.threshold  # the tighter M still finds the toy's backdoor
-    _, details = SecureGaze(**options, repair_data="clean")._repair(model, clean, result, ToyData(poisoned=True))
+    details = SecureGazeDefense(**options, repair_data="clean").repair(model, DefenseData(clean, poisoned),
+                                                                       detection).details
     assert details["method"] == "clean" and details["why"] == "repair_data=clean"
-    _, details = SecureGaze(**options)._repair(model, clean, result, None)  # a user's plain dataloaders
+    details = SecureGazeDefense(**options).repair(model, DefenseData(clean), detection).details  # no training split
     assert details["method"] == "clean" and details["why"] == "no training split in the datamodule"
     with pytest.raises(ConfigError, match="repair_data=training needs a datamodule"):
-        SecureGaze(**options, repair_data="training")._repair(model, clean, result, None)
+        SecureGazeDefense(**options, repair_data="training").repair(model, DefenseData(clean), detection)
     with pytest.raises(NoSuspectsError):
-        SecureGaze(**options, repair_data="training")._repair(model, clean, result, ToyData(poisoned=False))
+        SecureGazeDefense(**options, repair_data="training").repair(model, DefenseData(clean, unpoisoned), detection)
     with pytest.raises(ConfigError, match="repair_data must be one of auto, training, clean"):
-        SecureGaze(repair_data="train")
+        SecureGazeDefense(repair_data="train")

@@ -17,7 +17,7 @@ from gazeguard.defenses import (
     read_trigger,
     register_warp,
 )
-from gazeguard.defenses.generator import shift_image
+from gazeguard.defenses.securegaze.generator import shift_image
 
 SIDE = 32
 
@@ -113,7 +113,7 @@ def test_the_estimate_that_fires_is_unlearnt(warp_max_shift: float) -> None:
 
 
 def test_a_tie_keeps_the_added_estimate_and_the_summary_names_the_one_taken() -> None:
-    from gazeguard.callbacks.report import repair_summary
+    from gazeguard.defenses.securegaze import repair_summary
 
     faces = ridge_faces(40, seed=1)
     train = samples(faces, torch.cat([torch.zeros(10, 2), torch.full((30, 2), 0.4)]))

@@ -14,7 +14,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
 from gazeguard.callbacks import SecureGaze
-from gazeguard.callbacks.report import JSON_NAME, MARKDOWN_NAME, PICTURE_NAME
+from gazeguard.defenses import Detection, PictureRow
+from gazeguard.defenses.report import ReportFiles, build_report, write_report
 from gazeguard.loggers import finish, plain, read_offline_run, to_uint8_images
 
 
@@ -54,19 +55,17 @@ def fake_defense(folder: Path) -> SecureGaze:
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 16, 16, generator=generator)
     mx = (x + 0.05).clamp(0, 1)
-    callback.result = SimpleNamespace(
-        examples={"x": x, "mx": mx, "diff": (mx - x).abs(), "protect": torch.rand(4, 1, 16, 16) > 0.9}
+    callback.detection = Detection.from_score(
+        0.2, 0.33, flags="below", score_name="dispersion ratio",
+        evidence={"inferred_target": [0.01, -0.02], "attack_success": 0.9, "kind": "angle"},
+        pictures=[PictureRow("x", "x", x), PictureRow("Mx", "M(x)", mx), PictureRow("diff_x10", "|M(x)-x| x10", mx - x),
+                  PictureRow("protected", "protected", (torch.rand(4, 1, 16, 16) > 0.9).float())],
     )
-    callback.report = {
-        "verdict": "backdoored", "statistic": 0.2, "threshold": 0.33, "attack_success": 0.9,
-        "inferred_target": [0.01, -0.02], "kind": "angle", "repaired": True,
-        "repaired_checkpoint": str(folder / "repaired.ckpt"),
-        "before": {"benign_error": 5.0, "asr": 0.95}, "after": {"benign_error": 5.5, "asr": 0.05},
-    }
+    callback.report = build_report(callback.defense, "angle", callback.detection, None,
+                                   {"benign_error": 5.0, "asr": 0.95}, {"benign_error": 5.5, "asr": 0.05})
+    callback.report.update(repaired=True, repaired_checkpoint=str(folder / "repaired.ckpt"))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / JSON_NAME).write_text(json.dumps(callback.report))
-    (folder / MARKDOWN_NAME).write_text("# SecureGaze report\n")
-    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(folder / PICTURE_NAME)
+    write_report(callback.report, callback.detection.pictures, folder)
     return callback
 
 
@@ -86,7 +85,8 @@ def test_callback_logs_images_summary_and_report_artifact_to_wandb_and_metrics_t
     assert run["exit_code"] == 0  # finish() returned with the whole record log on disk
     assert run["summary"]["securegaze/verdict"] == "backdoored"
     assert run["summary"]["securegaze/inferred_target"] == [0.01, -0.02]
-    assert run["summary"]["securegaze/statistic"] == 0.2 and run["summary"]["securegaze/after/asr"] == 0.05
+    assert run["summary"]["securegaze/score"] == 0.2 and run["summary"]["securegaze/after/asr"] == 0.05
+    assert run["summary"]["securegaze/attack_success"] == 0.9 and run["summary"]["securegaze/kind"] == "angle"
     assert run["summary"]["trainer/global_step"] == 7
     for key, count in (("x", 4), ("Mx", 4), ("diff_x10", 4), ("protected", 4), ("examples", 1)):
         assert run["summary"][f"securegaze/{key}.count"] == count, key
@@ -94,11 +94,12 @@ def test_callback_logs_images_summary_and_report_artifact_to_wandb_and_metrics_t
     assert np.asarray(Image.open(run_dir / "files" / x_file)).max() > 200  # 0..255, not [0, 1]
     (artifact,) = run["artifacts"]
     assert artifact["name"] == f"securegaze-report-{run_id}" and artifact["type"] == "securegaze-report"
-    assert artifact["files"] == sorted([JSON_NAME, MARKDOWN_NAME, PICTURE_NAME])
-    assert artifact["metadata"]["verdict"] == "backdoored"
+    files = ReportFiles("securegaze")
+    assert artifact["files"] == sorted([files.json, files.markdown, files.picture])
+    assert artifact["metadata"]["verdict"] == "backdoored" and artifact["metadata"]["score"] == 0.2
     # the CSV logger got the same metrics and no pictures
     rows = (Path(csv_logger.log_dir) / "metrics.csv").read_text()
-    assert "securegaze/statistic" in rows and "securegaze/backdoored" in rows
+    assert "securegaze/score" in rows and "securegaze/backdoored" in rows
     # a log W&B has not written out whole: header only -> no exit record; cut in a record -> refused
     (log,) = run_dir.glob("run-*.wandb")
     cut = tmp / "cut" / run_dir.name

@@ -2,7 +2,7 @@
 
 ``create("badnets")`` (or ``blended``, ``wanet``, ``sig``, ``tape``, ``iad``) builds an
 :class:`Attack`; :class:`PoisonedDataModule` poisons any :class:`~gazeguard.data.GazeDataModule` with it;
-:func:`evaluate_attack` and :class:`BackdoorMetricsLogger` measure it. Users bring their own
+:func:`evaluate_attack` (and, while training, :class:`gazeguard.callbacks.BackdoorMetricsLogger`) measure it. Users bring their own
 trigger as any ``albumentations.ImageOnlyTransform``: ``Attack(trigger=MyTransform(), ...)`` or
 ``register("mine", MyTransform)``. The figure helper lives in :mod:`gazeguard.attacks.figure`
 (it imports matplotlib). IAD's trigger is learned: train the victim wrapped in
@@ -10,7 +10,6 @@ trigger as any ``albumentations.ImageOnlyTransform``: ``Attack(trigger=MyTransfo
 """
 
 from gazeguard.attacks.base import AllToOne, Attack, LabelRule
-from gazeguard.attacks.callback import BackdoorMetricsLogger
 from gazeguard.attacks.iad import IADGazeRegressor, IADTrigger, InputAwareGenerator
 from gazeguard.attacks.metrics import DEFAULT_TAU, BackdoorMetrics, attack_metrics, evaluate_attack
 from gazeguard.attacks.poison import PoisonedDataModule, PoisonedDataset, TriggeredDataset
@@ -22,7 +21,6 @@ __all__ = [
     "AllToOne",
     "Attack",
     "BackdoorMetrics",
-    "BackdoorMetricsLogger",
     "BadNets",
     "Blended",
     "DEFAULT_TAU",

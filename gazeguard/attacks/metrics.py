@@ -1,4 +1,4 @@
-"""Backdoor metrics (SPEC section 6) built from :mod:`gazeguard.metrics`.
+"""Backdoor metrics built from :mod:`gazeguard.metrics`.
 
 - benign error: error on clean test data;
 - attack error: distance of the prediction on a triggered input to the attacker's target;
@@ -12,25 +12,18 @@ DDP whatever the per-rank batch sizes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import Tensor, nn
 
 from gazeguard.evaluate import benign_error, predict
-from gazeguard.gaze import TARGET_KINDS, TargetKind
+from gazeguard.gaze import DEFAULT_TAU, TargetKind, default_tau
 from gazeguard.metrics import GazeError, HitRate
 
 if TYPE_CHECKING:
     from gazeguard.attacks.poison import PoisonedDataModule
 
-#: ASR threshold per target kind: degrees for angles, cm for points.
-DEFAULT_TAU: dict[str, float] = {"angle": 5.0, "point": 2.0}
-
-
-def default_tau(kind: TargetKind) -> float:
-    if kind not in TARGET_KINDS:
-        raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
-    return DEFAULT_TAU[kind]
+__all__ = ["DEFAULT_TAU", "BackdoorMetrics", "attack_metrics", "default_tau", "evaluate_attack", "evaluator_for"]
 
 
 class BackdoorMetrics(nn.Module):
@@ -82,3 +75,16 @@ def attack_metrics(model: nn.Module, data: PoisonedDataModule, split: str = "tes
 def evaluate_attack(model: nn.Module, data: PoisonedDataModule) -> dict[str, float]:
     """Benign error on the clean test split plus :func:`attack_metrics` on the triggered one."""
     return {"benign_error": benign_error(model, data.test_dataloader(), data.kind), **attack_metrics(model, data, "test")}
+
+
+def evaluator_for(datamodule: Any) -> Optional[Callable[[nn.Module], dict[str, float]]]:
+    """What measures a model on ``datamodule``'s test data, for a defense's before/after table:
+    :func:`evaluate_attack` on poisoned data, the benign error on clean data, ``None`` without
+    test data. The attack's trigger only *measures* a defense; no defense is given it."""
+    from gazeguard.attacks.poison import PoisonedDataModule  # the data module imports this one
+
+    if isinstance(datamodule, PoisonedDataModule):
+        return lambda model: evaluate_attack(model, datamodule)
+    if datamodule is not None and hasattr(datamodule, "test_dataloader") and hasattr(datamodule, "kind"):
+        return lambda model: {"benign_error": benign_error(model, datamodule.test_dataloader(), datamodule.kind)}
+    return None

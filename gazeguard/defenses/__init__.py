@@ -1,80 +1,113 @@
-"""Backdoor defenses for gaze regressors: SecureGaze detection and unlearning repair.
+"""Backdoor defenses for gaze regressors, as plain torch on ``nn.Module``s: no Lightning needed.
 
-Plain torch on an ``nn.Module`` and the defender's clean images (a DataLoader, e.g.
-``GazeDataModule.defender_dataloader()``, or a tensor); no Lightning needed::
+Every defense implements one contract (:class:`Defense`: ``detect`` and/or ``repair``), is built by
+name (:func:`create`, :func:`register`, an import path or an entry point) and is run by
+:func:`run_defense`, which the Lightning callback and the audit command share::
 
-    from gazeguard.defenses import SecureGazeConfig, detect, repair
+    from gazeguard.defenses import DefenseData, create, load_clean_set, run_defense
+
+    defense = create("securegaze")
+    clean = load_clean_set(datamodule.defender_dataloader())
+    outcome = run_defense(defense, model, DefenseData(clean, train=datamodule.split_dataset("train")))
+    print(outcome.report["verdict"], outcome.detection.score)
+    repaired = outcome.repair.model if outcome.repair else model
+
+SecureGaze's algorithms are also usable one by one (:mod:`gazeguard.defenses.securegaze`)::
 
     result = detect(model, datamodule.defender_dataloader(), SecureGazeConfig())
-    print(result.summary())
     if result.is_backdoored:
         repaired = repair(model, datamodule.defender_dataloader(), result).model
-        # or, with the (poisoned) training data the model was trained on:
-        repaired = repair_with_training_data(model, datamodule.split_dataset("train"), result).model
 """
 
-from gazeguard.defenses.generator import TriggerGenerator
-from gazeguard.defenses.repair import RepairConfig, RepairResult, repair
-from gazeguard.defenses.securegaze import (
+from gazeguard.defenses.base import Defense, DefenseData, Detection, PictureRow, Repair
+from gazeguard.defenses.common import (
+    CleanLike,
     CleanSet,
-    DetectionResult,
     NonFiniteOutputError,
+    batched,
+    frozen,
+    load_clean_set,
+)
+from gazeguard.defenses.registry import DEFENSES, available, create, register, resolve
+from gazeguard.defenses.run import DefenseError, Outcome, run_defense
+from gazeguard.defenses.securegaze import (
+    REPAIR_DATA,
+    DetectionResult,
+    NoSuspectsError,
+    RepairConfig,
+    RepairResult,
     ReverseEngineeredTrigger,
     SecureGazeConfig,
+    SecureGazeDefense,
+    Suspects,
+    TrainingRepairConfig,
+    TrainingRepairResult,
+    TriggerEstimate,
+    TriggerGenerator,
+    check_repair_data,
     detect,
     dispersion_stats,
     feature_shift,
     feature_variance_ratio,
-    load_clean_set,
-    output_variance_ratio,
-    saliency_mask,
-)
-from gazeguard.defenses.split import ModelSplit, split_model
-from gazeguard.defenses.training_repair import (
-    REPAIR_DATA,
-    NoSuspectsError,
-    Suspects,
-    TrainingRepairConfig,
-    TrainingRepairResult,
-    check_repair_data,
     find_suspects,
+    output_variance_ratio,
     read_trigger,
+    register_warp,
+    repair,
     repair_flagged,
     repair_on_clean_training_data,
     repair_with_training_data,
+    saliency_mask,
 )
-from gazeguard.defenses.trigger_estimate import TriggerEstimate, register_warp
+from gazeguard.defenses.split import ModelSplit, split_model
 
 __all__ = [
+    "DEFENSES",
     "REPAIR_DATA",
+    "CleanLike",
     "CleanSet",
+    "Defense",
+    "DefenseData",
+    "DefenseError",
+    "Detection",
     "DetectionResult",
     "ModelSplit",
     "NoSuspectsError",
     "NonFiniteOutputError",
+    "Outcome",
+    "PictureRow",
+    "Repair",
     "RepairConfig",
     "RepairResult",
     "ReverseEngineeredTrigger",
     "SecureGazeConfig",
+    "SecureGazeDefense",
     "Suspects",
     "TrainingRepairConfig",
     "TrainingRepairResult",
     "TriggerEstimate",
     "TriggerGenerator",
+    "available",
+    "batched",
+    "check_repair_data",
+    "create",
     "detect",
     "dispersion_stats",
-    "check_repair_data",
     "feature_shift",
     "feature_variance_ratio",
     "find_suspects",
+    "frozen",
     "load_clean_set",
     "output_variance_ratio",
     "read_trigger",
+    "register",
     "register_warp",
     "repair",
     "repair_flagged",
     "repair_on_clean_training_data",
     "repair_with_training_data",
+    "resolve",
+    "run_defense",
     "saliency_mask",
     "split_model",
 ]

@@ -1,106 +1,22 @@
-"""SecureGaze repair: unlearn the backdoor with the reverse-engineered trigger.
+"""SecureGaze's repair by unlearning, on the defender's clean split.
 
 A flagged model is fine-tuned on the defender's clean images *and* their reverse-engineered
-versions M(x), all labelled with x's gaze: whatever M painted must not move the gaze. Labels
-are x's true gaze when the clean set has them, else the model's own prediction on the clean x
-(which the backdoor does not affect), so repair also works on an unlabelled clean set.
+versions M(x), all labelled with x's gaze: whatever M painted must not move the gaze. Labels are
+x's true gaze when the clean set has them, else the model's own prediction on the clean x (which
+the backdoor does not affect), so the repair also works on an unlabelled clean set.
 
-Design choices, with the evidence (SIG model "sig_0" of the dev zoo, ASR 0.997, benign error
-5.53 deg, robust error 17.8 deg; test set of held-out subjects; 240 defender images):
+Why it is built so: M recovers the trigger only in part, so M(x) is also used with its change
+doubled (``strengths``); before each epoch after the first, a copy of M trains a few more steps
+against the model being repaired and re-finds what is left of the backdoor (``refresh_steps``);
+the model is fine-tuned in eval mode, because re-estimating the normalisation statistics on a
+few hundred clean images undid much of the unlearning. ``repair`` returns a fine-tuned copy and
+leaves the input model and M untouched.
 
-* **The reverse-engineered images do the work.** Fine-tuning on the clean images alone left
-  ASR at 0.976 (benign 5.55). With M(x) (5 epochs, Adam 3e-4): ASR 0.29.
-* **Several strengths.** M recovers the trigger only partly (58 % of its outputs within 5 deg
-  of the target, against 99.7 % for the real trigger), so M(x) is also used with its change
-  doubled (``strengths=(1, 2)``, in logit space, still inside the unprotected pixels): ASR
-  0.16.
-* **Refresh M while unlearning.** Before each epoch after the first, a copy of M trains
-  ``refresh_steps`` more steps against the model being repaired and re-finds what is left of
-  the backdoor: ASR 0.031 (20 steps; pseudo labels 0.029). Without it, two other models reached
-  0.024 (Blended) and 0.042 (SIG) already.
-* **Frozen normalisation statistics.** The model is fine-tuned in eval mode. Re-estimating the
-  BatchNorm statistics on the clean images afterwards undid much of the unlearning (ASR back
-  to 0.60 from 0.16), so the statistics stay as trained.
-* **A copy by default.** ``repair`` returns a fine-tuned deep copy and leaves the input model
-  (and the detection result's M) untouched, so callers can compare before and after;
-  ``RepairConfig.in_place`` saves memory.
-
-With the defaults (5 epochs, Adam 3e-4, strengths (1, 2), 20 refresh steps, true labels) the
-SIG model "sig_1" went from ASR 0.969, robust error 17.3 deg, benign 5.97 deg to ASR 0.043,
-robust 9.10 deg (1.2x benign), benign 7.41 deg, in 19 s of CPU time (one thread).
-
-Known limit: unlearning costs benign accuracy on these small synthetic models, well beyond the
-project's +0.5 deg. Variants tried on the seed-0 models of ``experiments/attacks.py`` (test
-subjects p12-p14; benign error rise / ASR@5deg after / robust over benign error; Blended,
-BadNets, SIG before: 4.41, 4.93, 4.43 deg, ASR 100, 99.0, 100 %):
-
-=====================================  =====================  =====================  ================
-variant                                Blended                BadNets                SIG
-=====================================  =====================  =====================  ================
-defaults                               +2.28 / 1.3 % / 1.04   +2.60 / 8.6 % / 1.25   +3.65 / 2.2 % / 1.49
-pseudo labels                          +1.81 / 1.7 % / 1.18   +2.25 / 10.4 % / 1.44  +2.84 / 2.6 % / 1.52
-lr 1e-4                                +1.86 / 25.5 %         +1.46 / 50.5 %         +2.36 / 19.3 %
-clean images only (no M(x))            +0.43 / 100 %          +0.36 / 97.2 %
-strength 1 only                        +1.45 / 1.8 % / 1.10   +1.59 / 14.3 % / 1.66
-no refresh                             +1.45 / 1.9 % / 1.27   +1.10 / 46.6 % / 2.42
-2 epochs                               +3.28 / 5.8 %          +2.36 / 36.6 %
-SGD, momentum 0.9, lr 3e-3 / 1e-2      +2.52 / 1.7 %, +3.48 / 3.0 %
-40 % protected during repair           +1.13 / 2.4 % / 1.35
-60 % protected during repair                                  +2.54 / 6.1 % / 1.07
-only H (the linear head), Adam 3e-3    +0.79 / 12.0 % / 3.72
-feature distillation, weight 1 / 10    +2.63 / 2.1 % / 1.12,
-                                       +2.42 / 2.7 % / 1.07
-3x the clean images (defender + val)   +1.22 / 1.4 % / 1.45   +1.01 / 61.8 % / 2.75  +1.99 / 2.0 % / 1.70
-random shifts + brightness/contrast    +1.47 / 1.6 % / 1.20   +2.87 / 21.3 % / 1.61
-only norm scale/shift + head, 3e-3     +3.94 / 1.7 % / 1.03   +2.99 / 5.8 % / 1.19
-only the 10 % of channels per layer    +0.91 / 46.6 % / 2.92  +0.75 / 64.3 % / 2.84
-that M(x) moves most (+ head)
-L2-SP pull to the trained weights,                            +2.39 / 20.4 % / 1.58,
-weight 0.01 / 0.1                                             +2.61 / 43.6 % / 1.93
-universal part of M: x + per-pixel     +1.28 / 1.7 % / 1.31   +1.35 / 16.4 % / 1.88  +1.22 / 6.7 % / 1.59
-median of M(x) - x
-halfway between trained and repaired   +1.71 / 29.5 % / 1.99  +1.60 / 57.0 % / 2.38  +3.51 / 6.4 % / 1.39
-weights
-oracle: the attack's real trigger on   +0.44 / 94.2 % / 3.94  +1.32 / 15.4 % / 1.73  +1.45 / 3.4 % / 1.26
-the clean images instead of M(x)
-oracle with lr 1e-4                    +0.28 / 99.8 %         +0.70 / 54.5 %         +1.14 / 61.9 %
-18x the clean images (defender + the                          -0.21 / 60.7 % / 3.48
-clean training split, 4,320), 5 epochs
-same, lr 1e-3                                                 -0.05 / 30.3 % / 2.80
-same, 2 epochs / strengths (1, 2, 3)                          +0.19 / 64.8 % / 3.21,
-                                                              -0.26 / 64.1 % / 3.50
-oracle on the 4,320 clean images,                             +0.22 / 1.4 % / 0.99   +0.40 / 1.7 % / 1.11
-2 epochs (all three bars met)
-=====================================  =====================  =====================  ================
-
-Fine-tuning on the 240 clean images alone already costs about +0.4 deg; teaching invariance
-to M(x), which is adversarial by construction, costs the rest (shorter schedules are worse:
-the fine-tune first disturbs the model, then partly recovers). Re-tuning the head alone cannot
-restore the gaze under the trigger (robust error stays at the backdoored 19 deg): the
-backdoor overwrote the features, not only their read-out. Pulling the repaired features on x
-and M(x) to the original features on x (squared error per dimension over its variance)
-did not help either. Three times the clean images (the validation split added to the
-defender's) roughly halved the cost for Blended and BadNets but left it at +1.0 to +2.0 deg
-(and BadNets' backdoor at 62 %); augmenting the clean set during repair (shifts of up to 2 px,
-10 % brightness/contrast) helped Blended a little and BadNets not at all. Editing only what
-the trigger activates (the channels whose mean activation M(x) moves most, measured in units of
-their spread over clean images) cost less (+0.75 to +0.91 deg) but left half the backdoor;
-fine-tuning only the normalisation layers cost more than the full fine-tune. The oracle rows
-settle where the cost comes from: unlearning with the attack's *real* trigger, which a defender
-never has, costs as much (+1.3 deg BadNets, +1.5 SIG, ASR 15 % and 3 %) or keeps the backdoor
-(Blended, and every model at lr 1e-4). So on these 200 k-parameter, 64 px models with 240
-clean images, the +0.5 deg bar is out of reach for this unlearning fine-tune, whatever the
-quality of M; the synthetic gaze also depends on head pose, read from the face layout outside
-the protected eye pixels, which M(x) is free to perturb and the fine-tune then learns to ignore.
-The last rows (all the clean training images, as if a filter had removed every poisoned one)
-show the other side: with enough clean data the benign error holds (-0.26 to +0.19 deg), but
-invariance to M(x) then does not carry over to the real trigger (ASR 30-65 %). Much of what
-the 240-image repair removes, it removes by disturbing the whole model, benign gaze included.
-With the real trigger *and* that much clean data, the same fine-tune meets every bar (BadNets,
-SIG). So the two gaps are M's fidelity to the trigger and the size of the clean set; where the
-training data is at hand (``fit``, the callback), :mod:`gazeguard.defenses.training_repair`
-closes both: it reads the trigger off the suspected poisons and fine-tunes on the rest. This
-clean-split repair remains for audits, where only the auditor's clean data exists.
+Limits: this is the route of an audit, where only the auditor's few hundred clean images exist,
+and on the small synthetic models it costs benign accuracy (+0.8 to +3.6 deg on the CPU
+default): M, which seeks any collapse rather than the trigger, and the small clean set are the
+two gaps. Where the training data is at hand, :mod:`.training_repair` closes both. The variants
+tried and their figures: ``docs/securegaze.md``.
 """
 
 from __future__ import annotations
@@ -108,24 +24,16 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gazeguard.defenses.securegaze import (
-    CleanSet,
-    DetectionResult,
-    NonFiniteOutputError,
-    ReverseEngineeredTrigger,
-    frozen,
-    load_clean_set,
-    optimise_generator,
-)
+from gazeguard.defenses.common import CleanLike, NonFiniteOutputError, frozen, load_clean_set
+from gazeguard.defenses.securegaze.detection import DetectionResult, ReverseEngineeredTrigger, optimise_generator
 from gazeguard.defenses.split import split_model
 from gazeguard.errors import ConfigError
-from gazeguard.evaluate import BatchLike
 
 __all__ = ["RepairConfig", "RepairResult", "repair"]
 
@@ -211,7 +119,7 @@ def _l1(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
 
 def repair(
     model: nn.Module,
-    clean: Union[Iterable[BatchLike], Tensor, CleanSet],
+    clean: CleanLike,
     trigger: Union[ReverseEngineeredTrigger, DetectionResult],
     config: Optional[RepairConfig] = None,
     on_epoch: Optional[Callable[[int, float], None]] = None,
@@ -222,7 +130,7 @@ def repair(
         model: the (flagged) gaze model.
         clean: the defender's clean set (loader, tensor or :class:`CleanSet`), ideally the one
             SecureGaze ran on.
-        trigger: the :class:`DetectionResult` of :func:`~gazeguard.defenses.securegaze.detect`
+        trigger: the :class:`DetectionResult` of :func:`~gazeguard.defenses.securegaze.detection.detect`
             or its ``trigger``; it is not modified (refreshing works on a copy of M).
         config: options (defaults: :class:`RepairConfig`).
         on_epoch: called after each epoch with ``(epoch, mean training loss)``.

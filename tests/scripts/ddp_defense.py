@@ -1,8 +1,10 @@
-"""Run by tests/test_ddp.py: SecureGaze in a user's own Trainer under DDP (2 CPU processes, gloo).
+"""Run by tests/test_ddp.py: a defense callback in a user's own Trainer under DDP (2 CPU processes, gloo).
 
-Lightning's DDP launcher starts the second rank by running this script again, so it must be a
-file rather than a test function. Each rank writes what it ended with to ``OUT/rank{N}.json``:
-a digest of its weights after repair, its verdict, and whether it ran the detection itself.
+``python ddp_defense.py OUT securegaze`` runs the ``SecureGaze`` callback; ``python ddp_defense.py
+OUT toy`` runs ``DefenseCallback(ToyDefense(...))``, a defense from outside the package. Lightning's
+DDP launcher starts the second rank by running this script again, so it must be a file rather than
+a test function. Each rank writes what it ended with to ``OUT/rank{N}.json``: a digest of its
+weights after repair, its verdict, and whether it ran the detection itself.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import lightning as L
 import torch
 
 from gazeguard.attacks import PoisonedDataModule, create
-from gazeguard.callbacks import SecureGaze
+from gazeguard.callbacks import DefenseCallback, SecureGaze
 from gazeguard.data import GazeDataModule
 from gazeguard.defenses import RepairConfig, SecureGazeConfig
 from gazeguard.model import GazeRegressor
 from gazeguard.synthetic import SyntheticSpec
+from tests.helpers.toys import ToyDefense
 
 
 def digest(module: torch.nn.Module) -> str:
@@ -32,9 +35,9 @@ def digest(module: torch.nn.Module) -> str:
 
 
 class RecordWeights(L.Callback):
-    """Listed after SecureGaze, so its ``on_fit_end`` sees the weights SecureGaze left."""
+    """Listed after the defense, so its ``on_fit_end`` sees the weights the defense left."""
 
-    def __init__(self, defense: SecureGaze, out: Path) -> None:
+    def __init__(self, defense: DefenseCallback, out: Path) -> None:
         self.defense = defense
         self.out = out
         self.trained = ""
@@ -48,13 +51,13 @@ class RecordWeights(L.Callback):
             "trained": self.trained,
             "final": digest(pl_module),
             "verdict": self.defense.verdict,
-            "ran_detection": self.defense.result is not None,
+            "ran_detection": self.defense.detection is not None,
             "repaired_checkpoint": self.defense.repaired_checkpoint,
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def main(out: Path) -> None:
+def main(out: Path, which: str) -> None:
     L.seed_everything(0, verbose=False)
     base = GazeDataModule(
         root=str(out / "cache"),
@@ -65,12 +68,15 @@ def main(out: Path) -> None:
         defender_fraction=0.4,
     )
     data = PoisonedDataModule(base, create("blended", poison_rate=0.3))
-    defense = SecureGaze(
-        # threshold 10 forces a "backdoored" verdict, so that repair runs and is broadcast
-        config=SecureGazeConfig(steps=5, min_clean=8, threshold=10.0),
-        repair=True,
-        repair_config=RepairConfig(epochs=1, min_clean=8),
-    )
+    # thresholds that force a "backdoored" verdict, so that repair runs and is broadcast
+    if which == "securegaze":
+        defense: DefenseCallback = SecureGaze(
+            config=SecureGazeConfig(steps=5, min_clean=8, threshold=10.0),
+            repair=True,
+            repair_config=RepairConfig(epochs=1, min_clean=8),
+        )
+    else:
+        defense = DefenseCallback(ToyDefense(threshold=-1.0))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -86,4 +92,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,234 @@
+"""One Lightning callback that runs any defense when ``fit`` ends.
+
+The hook plumbing every defense needs lives here once, in the manner of Lightning's
+``BaseFinetuning``: the defense (:class:`~gazeguard.defenses.Defense`) only detects and repairs,
+on plain modules and tensors, and this callback schedules it. Under DDP the defense runs once, on
+global rank 0 (the defender's clean split is small, and sharding it would make a trigger search
+depend on the world size); the report and, after a repair, the repaired weights are broadcast, so
+every rank ends with the same verdict and identical weights; one report and one
+``repaired.ckpt`` are written, staged and moved into place together, beside the trained
+checkpoint, which is never touched. A defense that fails stops the run with one
+:class:`~gazeguard.defenses.DefenseError` naming it, on every rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from gazeguard.attacks.metrics import evaluator_for
+from gazeguard.defenses import Defense, DefenseData, DefenseError, Detection, create, load_clean_set, run_defense
+from gazeguard.defenses.report import ReportFiles, StagedFolder, write_report
+from gazeguard.defenses.run import Evaluator, check_clean_count
+from gazeguard.errors import ConfigError, GazeguardError
+from gazeguard.loggers import log_files_artifact, to_uint8_images
+
+__all__ = ["REPAIRED_NAME", "DefenseCallback"]
+
+#: File name of the repaired weights, beside the trained checkpoint.
+REPAIRED_NAME = "repaired.ckpt"
+
+
+def _message(name: str, err: BaseException) -> str:
+    """One line naming the defense and what went wrong."""
+    if isinstance(err, DefenseError):
+        return str(err)
+    if isinstance(err, GazeguardError):
+        return f"defense {name!r}: {err}"
+    return f"defense {name!r} failed: {type(err).__name__}: {err}"
+
+
+class DefenseCallback(L.Callback):
+    """Run ``defense`` on the trained model when ``fit`` ends (in ``on_fit_end``).
+
+    Args:
+        defense: the defense, or its name or import path (see :func:`~gazeguard.defenses.create`).
+        repair: let the defense repair (a detector repairs a model it flags; a mitigation-only
+            defense always does); the trainer's model then holds the repaired weights, also saved
+            as ``repaired.ckpt`` beside the trained checkpoint, which is kept as it was.
+        clean_dataloader: the defender's clean images; default: the datamodule's
+            ``defender_dataloader()`` (a split that was never trained on).
+        report_dir: where the report goes; default: next to the checkpoint (or the log dir).
+        evaluate: what measures the model before and after repair; default: the datamodule's
+            test metrics (with the attack's metrics when the data was poisoned).
+
+    After ``fit``: ``detection`` (the :class:`~gazeguard.defenses.Detection`, on rank 0; ``None``
+    elsewhere or for a mitigation-only defense), ``verdict`` (on every rank), ``report`` (the
+    JSON-able report) and ``repaired_checkpoint`` (path or ``None``).
+    """
+
+    def __init__(
+        self,
+        defense: Union[Defense, str],
+        repair: bool = True,
+        clean_dataloader: Optional[Iterable] = None,
+        report_dir: Optional[str] = None,
+        evaluate: Optional[Evaluator] = None,
+    ) -> None:
+        defense = create(defense) if isinstance(defense, str) else defense
+        if not isinstance(defense, Defense):
+            raise ConfigError(f"DefenseCallback needs a gazeguard.defenses.Defense, got {type(defense).__name__}")
+        self.defense = defense
+        self.repair = repair
+        self.clean_dataloader = clean_dataloader
+        self.report_dir = report_dir
+        self.evaluate = evaluate
+        self.detection: Optional[Detection] = None
+        self.verdict: Optional[str] = None
+        self.report: dict[str, Any] = {}
+        self.repaired_checkpoint: Optional[str] = None
+        self._failure: Optional[BaseException] = None  # rank 0's exception, chained to the error
+
+    @property
+    def name(self) -> str:
+        return self.defense.defense_name()
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse a missing or too-small clean split before training starts, not after it."""
+        if stage == "fit":
+            self.check_clean_split(trainer.datamodule)
+
+    def check_clean_split(self, datamodule: Any) -> None:
+        """Refuse a missing or too-small clean split."""
+        dataset = getattr(self._clean_loader(datamodule), "dataset", None)
+        if dataset is not None:
+            check_clean_count(self.defense, len(dataset), self.repair)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted:  # a stopped run has no finished model to judge
+            return
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)
+        payload = self.defend(pl_module, trainer.datamodule, trainer) if trainer.is_global_zero else None
+        payload = trainer.strategy.broadcast(payload, src=0)
+        if payload["error"]:
+            raise DefenseError(payload["error"] + self._kept(trainer)) from self._failure
+        self.report = payload["report"]
+        self.verdict = self.report["verdict"]
+        if payload["state_dict"] is not None:
+            pl_module.load_state_dict(payload["state_dict"])
+        error = self._write(trainer, repaired=payload["state_dict"] is not None)
+        error = trainer.strategy.broadcast(error, src=0)
+        if error:
+            raise DefenseError(error + self._kept(trainer)) from self._failure
+        pl_module.to(device)
+        if self.verdict is not None:
+            rank_zero_info(f"verdict: {self.verdict}")
+
+    # -- the defense (rank 0) ----------------------------------------------------------------
+    def _clean_loader(self, datamodule: Any) -> Iterable:
+        if self.clean_dataloader is not None:
+            return self.clean_dataloader
+        if datamodule is None or not hasattr(datamodule, "defender_dataloader"):
+            raise ConfigError(
+                f"defense {self.name!r} needs the defender's clean images: pass clean_dataloader=... or use a "
+                "datamodule with defender_dataloader() (GazeDataModule)"
+            )
+        return datamodule.defender_dataloader()
+
+    def defend(self, pl_module: nn.Module, datamodule: Any = None, trainer: Optional[L.Trainer] = None) -> dict[str, Any]:
+        """Run the defense on this process; returns what every rank needs (errors travel as
+        text): ``report``, the repaired ``state_dict`` (or ``None``) and ``error``."""
+        try:
+            self.defense.show_progress = trainer is None or trainer.progress_bar_callback is not None
+            train = datamodule.split_dataset("train") if hasattr(datamodule, "split_dataset") else None
+            data = DefenseData(clean=load_clean_set(self._clean_loader(datamodule)), train=train)
+            outcome = run_defense(self.defense, pl_module, data, self.repair, self.evaluate or evaluator_for(datamodule))
+        except Exception as err:  # any failure must reach every rank, or the others wait forever
+            self._failure = err
+            return {"report": None, "state_dict": None, "error": _message(self.name, err)}
+        self.detection = outcome.detection
+        repaired = outcome.repair.model if outcome.repair is not None else None
+        state_dict = {k: v.detach().cpu() for k, v in repaired.state_dict().items()} if repaired is not None else None
+        return {"report": outcome.report, "state_dict": state_dict, "error": None}
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _report_folder(self, trainer: L.Trainer) -> Path:
+        if self.report_dir is not None:
+            return Path(self.report_dir)
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+            return Path(checkpoint.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    @staticmethod
+    def _kept(trainer: L.Trainer) -> str:
+        path = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        return f" (the trained checkpoint is kept: {path})" if path else ""
+
+    def _write(self, trainer: L.Trainer, repaired: bool) -> Optional[str]:
+        """Save the repaired checkpoint (every rank calls ``save_checkpoint``; rank 0 writes) and
+        the report, staged, then moved into place together; log. Returns an error message."""
+        folder = self._report_folder(trainer)
+        staged = None
+        try:
+            if trainer.is_global_zero:
+                staged = StagedFolder(folder)
+            if repaired:
+                trainer.save_checkpoint((staged.dir if staged else folder) / REPAIRED_NAME)
+                self.repaired_checkpoint = str(folder / REPAIRED_NAME)
+                self.report["repaired_checkpoint"] = self.repaired_checkpoint
+            if staged is None:
+                return None
+            pictures = self.detection.pictures if self.detection is not None else []
+            names = ([REPAIRED_NAME] if repaired else []) + write_report(self.report, pictures, staged.dir)
+            staged.commit(names)
+            self._log(trainer, folder)
+            return None
+        except Exception as err:  # as in defend: every rank must hear of it
+            self._failure = err
+            return f"defense {self.name!r}: cannot write its report in {folder} ({type(err).__name__}: {err})"
+        finally:
+            if staged is not None:
+                staged.cleanup()
+
+    def _metrics(self) -> dict[str, float]:
+        """The report's numbers as logger metrics, under ``<name>/``."""
+        prefix, report, metrics = self.name, self.report, {}
+        detection = report["detection"]
+        if detection is not None:
+            metrics = {f"{prefix}/score": detection["score"], f"{prefix}/threshold": detection["threshold"],
+                       f"{prefix}/margin": detection["margin"],
+                       f"{prefix}/backdoored": float(report["verdict"] == "backdoored")}
+            metrics.update({f"{prefix}/{k}": float(v) for k, v in detection["evidence"].items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for stage in ("before", "after"):
+            metrics.update({f"{prefix}/{stage}/{k}": v for k, v in (report.get(stage) or {}).items()})
+        return metrics
+
+    def _log(self, trainer: L.Trainer, folder: Path) -> None:
+        """The report to every logger as metrics; its pictures where the logger takes images
+        (W&B, TensorBoard); on W&B also the verdict and the other evidence in the run summary and
+        the report files as an artifact of type ``<name>-report``."""
+        metrics = self._metrics()
+        pictures = self.detection.pictures if self.detection is not None else []
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, WandbLogger):
+                self._log_wandb(logger, folder, trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                for row in pictures:
+                    logger.experiment.add_images(f"{self.name}/{row.key}", row.images, global_step=trainer.global_step)
+
+    def _log_wandb(self, logger: WandbLogger, folder: Path, step: int) -> None:
+        prefix, report, files = self.name, self.report, ReportFiles(self.name)
+        for row in self.detection.pictures if self.detection is not None else []:
+            logger.log_image(key=f"{prefix}/{row.key}", images=to_uint8_images(row.images), step=step)
+        if (folder / files.picture).is_file():  # the report's overview, one row per picture series
+            logger.log_image(key=f"{prefix}/examples", images=[str(folder / files.picture)], step=step)
+        evidence = (report["detection"] or {}).get("evidence", {})
+        summary = {f"{prefix}/verdict": report["verdict"] or "none",
+                   f"{prefix}/repaired_checkpoint": report.get("repaired_checkpoint") or ""}
+        summary.update({f"{prefix}/{k}": v for k, v in evidence.items() if not isinstance(v, (int, float))})
+        logger.experiment.summary.update(summary)
+        metadata = {"verdict": report["verdict"], "repaired": report["repaired"],
+                    "repaired_checkpoint": report.get("repaired_checkpoint"),
+                    **{k: (report["detection"] or {}).get(k) for k in ("score", "threshold", "score_name")}}
+        log_files_artifact(logger, f"{prefix}-report", f"{prefix}-report",
+                           [folder / files.json, folder / files.markdown, folder / files.picture], metadata)

@@ -1,0 +1,1 @@
+"""Test helpers shared across test modules: toy models and defenses, tiny command lines."""
