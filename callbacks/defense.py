@@ -132,14 +132,17 @@ class DefenseCallback(L.Callback):
             )
         return datamodule.defender_dataloader()
 
-    def defend(self, pl_module: nn.Module, datamodule: Any = None, trainer: Optional[L.Trainer] = None) -> dict[str, Any]:
+    def defend(
+        self, pl_module: nn.Module, datamodule: Any = None, trainer: Optional[L.Trainer] = None
+    ) -> dict[str, Any]:
         """Run the defense on this process; returns what every rank needs (errors travel as
         text): ``report``, the repaired ``state_dict`` (or ``None``) and ``error``."""
         try:
             self.defense.show_progress = trainer is None or trainer.progress_bar_callback is not None
             train = datamodule.split_dataset("train") if hasattr(datamodule, "split_dataset") else None
             data = DefenseData(clean=load_clean_set(self._clean_loader(datamodule)), train=train)
-            outcome = run_defense(self.defense, pl_module, data, self.repair, self.evaluate or evaluator_for(datamodule))
+            evaluate = self.evaluate or evaluator_for(datamodule)
+            outcome = run_defense(self.defense, pl_module, data, self.repair, evaluate)
         except Exception as err:  # any failure must reach every rank, or the others wait forever
             self._failure = err
             return {"report": None, "state_dict": None, "error": _message(self.name, err)}

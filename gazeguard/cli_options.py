@@ -83,15 +83,17 @@ def _defense_class_path(value: str) -> str:
 def _defense_first(argv: list[str]) -> list[str]:
     """The last ``--defense CLASS`` pair moved before the first ``--defense.OPTION`` flag, which
     jsonargparse can only place once it knows the class (a sweep agent may order them either way)."""
+    def is_option(arg: str) -> bool:
+        return arg.startswith("--defense.") and not arg.startswith("--defense.help")
+
     named = [i for i, arg in enumerate(argv[:-1]) if arg == "--defense"]
-    options = [i for i, arg in enumerate(argv) if arg.startswith("--defense.") and not arg.startswith("--defense.help")]
+    options = [i for i, arg in enumerate(argv) if is_option(arg)]
     if not named or not options or named[-1] < options[0]:
         return argv
     at = named[-1]
-    pair = argv[at:at + 2]
     rest = argv[:at] + argv[at + 2:]
-    first = next(i for i, arg in enumerate(rest) if arg.startswith("--defense.") and not arg.startswith("--defense.help"))
-    return rest[:first] + pair + rest[first:]
+    first = next(i for i, arg in enumerate(rest) if is_option(arg))
+    return rest[:first] + argv[at:at + 2] + rest[first:]
 
 
 def check_defense_options(argv: list[str]) -> list[str]:

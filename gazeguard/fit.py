@@ -193,8 +193,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     name = "angular" if summary["kind"] == "angle" else "point"
     lines = ["", "== gazeguard fit summary =="]
     if (summary["defense"] or {}).get("repaired"):
-        lines.append(f"  (errors of the model as {summary['defense']['title']} repaired it; the checkpoint below is the "
-                     "trained one)")
+        title = summary["defense"]["title"]
+        lines.append(f"  (errors of the model as {title} repaired it; the checkpoint below is the trained one)")
     lines += [f"  {subject}: {error:.2f} {unit}" for subject, error in summary["per_subject"].items()]
     lines += [
         f"test {name} error: {summary['test_error']:.2f} {unit}",

@@ -201,8 +201,8 @@ def test_audit_of_a_lightning_checkpoint_prints_the_verdict_and_writes_the_repor
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] in ("verdict: backdoored", "verdict: clean")
     assert any(line.startswith("ASR@5deg ") for line in lines)
-    assert any(line.startswith("score (dispersion ratio): ") and f"threshold: {SecureGazeConfig().threshold:.3f}" in line
-               for line in lines)
+    threshold = f"threshold: {SecureGazeConfig().threshold:.3f}"
+    assert any(line.startswith("score (dispersion ratio): ") and threshold in line for line in lines)
     assert any(line.startswith("reverse-engineered outputs within 5 deg of it: ") for line in lines)
     assert any("backbone test_byobnet (from the checkpoint's hyper_parameters)" in line for line in lines)
     folder = tmp_path / "theirs_audit"  # default: next to the checkpoint

@@ -165,7 +165,8 @@ def test_help_documents_every_option_with_its_default(capsys):
         (["--model.optimizer", "adamx"], "Expected a typing.Literal['adamw', 'adam', 'sgd']. Got value: adamx"),
         (["--model.backbon", "resnet18"], "unrecognized arguments: --model.backbon resnet18"),  # no prefix matching
         (["--trainer.precision", "17"], "'16-mixed', 'bf16-true', 'bf16-mixed'"),
-        (["--defense", "securegaze", "--defense.detection.budgets=0.1"], "unrecognized arguments: --detection.budgets=0.1"),
+        (["--defense", "securegaze", "--defense.detection.budgets=0.1"],
+         "unrecognized arguments: --detection.budgets=0.1"),
     ],
 )
 def test_unknown_option_or_value_stops_with_jsonargparse_message(tmp_path: Path, monkeypatch, capsys, extra, message):
@@ -194,11 +195,12 @@ def test_unknown_logger_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys)
         (["--defense", "securegaze", "--defense.bogus", "1"],
          "error: defense 'securegaze' (gazeguard.defenses.securegaze.defense.SecureGazeDefense) takes no option "
          "'bogus'; its options: detection, unlearning, training_repair, repair_data"),
-        (["--defense", "tests.helpers.toys.NotADefense"], "error: defense 'tests.helpers.toys.NotADefense': <class "
-                                                          "'tests.helpers.toys.NotADefense'> is not a gazeguard.defenses"
-                                                          ".Defense subclass"),
-        (["--defense", "tests.helpers.toys.EmptyDefense"], "error: defense 'tests.helpers.toys.EmptyDefense': tests.helpers"
-                                                           ".toys.EmptyDefense overrides neither detect(model, clean) nor repair"),
+        (["--defense", "tests.helpers.toys.NotADefense"],
+         "error: defense 'tests.helpers.toys.NotADefense': <class 'tests.helpers.toys.NotADefense'> is not a "
+         "gazeguard.defenses.Defense subclass"),
+        (["--defense", "tests.helpers.toys.EmptyDefense"],
+         "error: defense 'tests.helpers.toys.EmptyDefense': tests.helpers.toys.EmptyDefense overrides neither "
+         "detect(model, clean) nor repair"),
         (["--defense", "tests.helpers.nowhere.Mine"], "error: defense 'tests.helpers.nowhere.Mine': cannot import "
                                                       "module 'tests.helpers.nowhere'"),
     ],

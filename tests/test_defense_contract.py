@@ -83,7 +83,7 @@ def test_an_entry_point_publishes_a_defense(tmp_path: Path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert {"toy-ep", "broken"} <= set(available())
     assert isinstance(create("toy-ep", tau=3.0), ToyDefense)
-    with pytest.raises(ConfigError, match=r"defense 'broken': its entry point 'tests.helpers.nowhere:Mine' does not load"):
+    with pytest.raises(ConfigError, match=r"'broken': its entry point 'tests.helpers.nowhere:Mine' does not load"):
         create("broken")
     assert "toy-ep" in fit.description()  # --help lists it
 

@@ -96,7 +96,8 @@ def test_fit_with_defense_detects_repairs_and_reports(tmp_path: Path, capsys):
     folder = Path(summary["checkpoint"]).parent
     saved = json.loads((folder / "securegaze_report.json").read_text())
     assert saved["verdict"] == "backdoored" and saved["detection"]["score"] == pytest.approx(detection["score"])
-    assert saved["defense"] == "securegaze" and saved["class_path"] == "gazeguard.defenses.securegaze.defense.SecureGazeDefense"
+    assert saved["defense"] == "securegaze"
+    assert saved["class_path"] == "gazeguard.defenses.securegaze.defense.SecureGazeDefense"
     assert (folder / "securegaze_report.md").is_file() and (folder / "securegaze_examples.png").is_file()
     repaired = torch.load(report["repaired_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     original = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]

@@ -93,3 +93,21 @@ def test_every_config_file_the_readme_names_by_itself_exists():
     folders = [ROOT / "experiments" / "configs", ROOT / "experiments" / "sweeps"]
     missing = [n for n in expanded if not any((folder / n).is_file() for folder in folders)]
     assert not missing, f"README.md names config files found in neither experiments/configs nor sweeps: {missing}"
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    pages = [README, ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert len(pages) >= 7  # README, CHANGELOG, the contract, SecureGaze, data and the attack families
+    missing = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", page.read_text(encoding="utf-8")):
+            if "://" not in target and not (page.parent / target).exists():
+                missing.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not missing, f"links to nowhere: {missing}"
+
+
+def test_docs_name_only_files_of_this_repository():
+    """The docs stand alone: no path outside the repository, no private notes."""
+    for page in [README, ROOT / "CHANGELOG.md", *(ROOT / "docs").rglob("*.md")]:
+        text = page.read_text(encoding="utf-8")
+        assert "../shared" not in text and "SPEC" not in text and "/tmp/lab" not in text, page

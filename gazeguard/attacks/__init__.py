@@ -2,7 +2,8 @@
 
 ``create("badnets")`` (or ``blended``, ``wanet``, ``sig``, ``tape``, ``iad``) builds an
 :class:`Attack`; :class:`PoisonedDataModule` poisons any :class:`~gazeguard.data.GazeDataModule` with it;
-:func:`evaluate_attack` (and, while training, :class:`gazeguard.callbacks.BackdoorMetricsLogger`) measure it. Users bring their own
+:func:`evaluate_attack` (and, while training, :class:`gazeguard.callbacks.BackdoorMetricsLogger`)
+measure it. Users bring their own
 trigger as any ``albumentations.ImageOnlyTransform``: ``Attack(trigger=MyTransform(), ...)`` or
 ``register("mine", MyTransform)``. The figure helper lives in :mod:`gazeguard.attacks.figure`
 (it imports matplotlib). IAD's trigger is learned: train the victim wrapped in

@@ -4,8 +4,7 @@ Keeping the trigger an ordinary ``A.ImageOnlyTransform`` is what lets users brin
 trigger without touching the project: any transform that maps an ``HxWx3`` uint8 RGB image to
 one of the same shape and dtype slots into :func:`gazeguard.data.transforms.build_pipeline`
 between resizing and augmentation, exactly where the built-in triggers go. The label rule is a
-separate callable so that trigger and label policy vary independently (all-to-one by default,
-SPEC section 3).
+separate callable so that trigger and label policy vary independently (all-to-one by default).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ class AllToOne:
     """All-to-one label rule: every triggered input should map to one fixed ``target`` gaze.
 
     The SecureGaze threat model: (0, 0) rad is "looking at the camera", (0, 0) cm "at the
-    screen centre" (SPEC section 3).
+    screen centre".
     """
 
     def __init__(self, target: Sequence[float] = (0.0, 0.0)) -> None:

@@ -1,60 +1,27 @@
 """Input-aware dynamic backdoor (IAD; Nguyen & Tran, NeurIPS 2020), for gaze regression.
 
-Every other attack stamps a fixed trigger into the training data. IAD's trigger is *learned*
-and differs per input: a pattern generator ``g`` and a mask generator ``m`` give
-``x' = x + m(x) * (g(x) - x)``, and they are trained together with the victim, in its training
-loop (SPEC section 3). Three pieces make that fit the rest of gazeguard:
+Every other attack stamps a fixed trigger into the training data. IAD's trigger is *learned* and
+differs per input: a pattern generator ``g`` and a mask generator ``m`` give
+``x' = x + m(x) * (g(x) - x)``, trained together with the victim, in its training loop. Three
+pieces make that fit the rest of gazeguard:
 
 - :class:`InputAwareGenerator`: the two small encoder-decoders, batched torch on ``[0, 1]``
   images, so one network serves training (on the device, with gradients) and evaluation;
-- :class:`IADTrigger`: an ordinary albumentations trigger holding that generator (and the
-  recipe it is trained with), so ``create("iad")`` returns an :class:`Attack` like any other,
-  ``Attack.check`` passes, and :class:`PoisonedDataModule`'s triggered ``val``/``test`` splits,
-  hence :func:`evaluate_attack` and :class:`BackdoorMetricsLogger`, measure IAD unchanged;
+- :class:`IADTrigger`: an ordinary albumentations trigger holding that generator (and the recipe
+  it is trained with), so ``create("iad")`` returns an :class:`Attack` like any other and
+  :class:`PoisonedDataModule`'s triggered ``val``/``test`` splits, hence :func:`evaluate_attack`
+  and the backdoor-metrics callback, measure IAD unchanged;
 - :class:`IADGazeRegressor`: the LightningModule that co-trains them with a
-  :class:`GazeRegressor` victim on *clean* data, poisoning each batch itself. Its ``forward``
-  is the victim's, and ``module.victim`` is a plain :class:`GazeRegressor` for checkpoints,
-  evaluation and defenses (``features``/``head``).
+  :class:`GazeRegressor` victim on *clean* data, poisoning each batch itself. Its ``forward`` is
+  the victim's, and ``module.victim`` is a plain :class:`GazeRegressor` for checkpoints,
+  evaluation and defenses.
 
-Training, as in the reference code: stage one pretrains ``m`` alone for ``mask_steps`` batches
-(loss ``lambda_norm * mean(relu(m(x) - mask_density))`` plus the diversity term), after which
-``m`` is frozen; stage two splits each shuffled batch into poisoned (``poison_rate``, own
-trigger, relabelled by the attack's label rule, all-to-one by default), cross (``cross_rate``,
-another input's trigger, true label: this teaches the victim that a trigger only works on the
-input it was made for) and clean samples, and minimises the victim's L1 gaze loss plus
-``lambda_div * ||x1 - x2|| / ||g(x1) - g(x2)||``, which keeps ``g`` from collapsing to one
-fixed pattern, with one backward pass for victim and ``g``.
-
-Scaled to the CPU default (``create("iad")``, see the registry): the reference recipe (10 %
-poisoned, 10 % cross samples, poisons replacing clean samples; the class defaults here) does
-not plant in the default 12 epochs: ASR@5deg 2.0 / 8.0 / 2.8 % over seeds 0-2; 63.7 % at 40
-epochs (seed 0, benign error 2.94 deg; validation ASR still swinging between 17 and 65 % over
-the last epochs). The reference trains for hundreds of epochs. Measured at 12 epochs (ASR /
-benign error rise over the clean model of the seed; ``experiments/attacks.py --attacks iad --
---attack.options '{cross_rate: 0, keep_clean: true}' --attack.poison_rate 0.4`` and the like):
-
-- recipe changes that did not help (seed 0): the generator's learning rate annealed with the
-  victim's one-cycle schedule instead of constant, 5.6 %; mask density 0.1 instead of 0.032,
-  5 % at epoch 6 of 12 (stopped);
-- the cross samples (another input's trigger, true label) are the main block, as WaNet's noise
-  mode is for WaNet. Without them (``cross_rate=0``), seed 0: 23.7 % at 10 % poisoned, 82.4 % /
-  +0.86 deg at 20 %, 96.2 % / +1.09 at 25 %, 96.5 % / +1.06 at 30 %; a bigger mask (density
-  0.064, 20 %) learns worse, 39.3 %. Over seeds 0-2, at 25 %: 96.2 / 99.0 / 87.2 % ASR, benign
-  error +1.09 / +0.77 / +1.67 deg; at 22 %: 93.6 / 99.7 / 90.9 %, +1.00 / +1.14 / +1.04 deg;
-  the medians miss the benign bar by 0.04 deg;
-- the price was the replaced samples: each poisoned sample took a clean one's place in its
-  batch, so the victim learnt the gaze from a fifth fewer faces per step. The attacker owns the
-  loop, so ``keep_clean`` adds the poisoned samples as triggered copies and keeps the whole
-  clean batch. Seed 0: 88.3 % / +0.52 at 15 %, 82.7 % / +0.30 at 22 %, 90.1 % / +0.53 at 25 %,
-  97.6 % / +0.46 at 30 %. At 30 % over seeds 0-2: 97.6 / 99.7 / 50.9 % ASR, +0.46 / +0.43 /
-  +0.51 deg (seed 2 did not plant); at 40 %: 95.9 / 99.7 / 98.0 %, +0.66 / +0.43 / +0.32 deg,
-  medians 98.0 % and +0.43 deg: the bar on every seed, and the defaults of ``create("iad")``
-  (``cross_rate=0, keep_clean=True, poison_rate=0.4``). Each step computes 1.4x the images.
-
-What is given up: without cross samples a trigger made for one face also works on another,
-which the input-aware design exists to forbid; the victim still picks up per-input patterns of
-about 60 pixels (the learned masks cover 1.5 % of the image). ``create("iad", cross_rate=0.1,
-keep_clean=False, poison_rate=0.1)`` is the reference recipe, for longer schedules.
+Training follows the reference code (``docs/attacks/iad.md``): ``m`` pretrained alone, then
+poisoned, cross and clean samples per batch, with a diversity term. Limits: the reference recipe
+(the class defaults) does not plant in the CPU default's 12 epochs,
+so ``create("iad")`` drops the cross samples and adds 40 % of each batch as triggered copies
+(``keep_clean``); without cross samples a trigger made for one face also works on another. The
+measurements behind this: ``docs/attacks/iad.md``.
 
 Usage::
 

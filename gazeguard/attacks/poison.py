@@ -15,7 +15,7 @@ Poisoning, with every random choice fixed by the wrapped module's ``seed``:
   teaches the target rather than its mirror); for WaNet a further ``round(cross_rate * n_train)``
   get the noise-mode trigger and keep their true label;
 - the triggered ``val``/``test`` splits trigger every sample whose true gaze is farther than
-  ``tau`` from its target (closer ones say nothing about the attack, SPEC section 3), carry the
+  ``tau`` from its target (closer ones say nothing about the attack), carry the
   true ``gaze`` and the ``target``, and seed the trigger per sample, so that a random trigger
   (Tape) gives each image the same stamp in every epoch, worker and run.
 """

@@ -1,8 +1,8 @@
 """Attacks by name: ``create(name, **options)`` returns an :class:`Attack`.
 
 Entries are *factories* rather than transform classes because an attack can be more than one
-transform: WaNet also needs its noise-mode cross trigger, and input-aware dynamic attacks (IAD,
-SPEC section 3) need a generator co-trained with the model. Options split by name: those of
+transform: WaNet also needs its noise-mode cross trigger, and input-aware dynamic attacks (IAD)
+need a generator co-trained with the model. Options split by name: those of
 :class:`Attack` (``target``, ``poison_rate``, ``label_rule``, ``after_augmentation`` and, for
 WaNet, ``cross_ratio``) go to the attack, the rest to the trigger's constructor.
 """

@@ -1,4 +1,5 @@
-"""Built-in triggers (SPEC section 3) as albumentations ``ImageOnlyTransform``s.
+"""Built-in triggers as albumentations ``ImageOnlyTransform``s (what each does and the evidence
+behind its defaults: ``docs/attacks/``).
 
 They act on the *resized* uint8 RGB model input (``build_pipeline`` puts them right after
 ``A.Resize``) and every size is a fraction of the image side, so one configuration works at
@@ -81,11 +82,10 @@ class BadNets(Trigger):
     64 px, 14 px at 224 px with the defaults); a checkerboard has ``cells`` x ``cells`` squares
     whatever the resolution, ``margin`` keeps it off the very edge.
 
-    Why not SPEC's 1/16 of the side at 64 px: that is a 4 px patch of 1 px checker cells, which
-    the training augmentation (sub-pixel translation and scaling, bilinear) blurs into grey and
-    can push off the frame; poisoned models then failed to learn it (ASR < 5% after 10 epochs in
-    our first runs). A floor of 8 px (2 px cells) and a 1/32 margin keep the texture and the
-    patch intact at the CPU size; at 224 px the SPEC size applies unchanged.
+    Why a floor: the backdoor toolboxes' 1/16 of the side is a 4 px patch of 1 px checker cells at
+    64 px, which the training augmentation blurs into grey; poisoned models then failed to learn it.
+    A floor of 8 px (2 px cells) and a 1/32 margin keep the texture intact at the CPU size; at
+    224 px the 1/16 applies unchanged (``docs/attacks/patch-blend-sinusoid.md``).
 
     Training augmentation runs after the trigger, so the label-aware
     horizontal flip also shows the patch at the mirrored corner on half of the poisoned training
@@ -168,31 +168,11 @@ class WaNet(SeededTrigger):
     With ``noise=True`` this is the *cross* (noise-mode) variant: the same fixed grid plus fresh
     uniform jitter of up to one pixel per application, for samples that keep their true label.
 
-    The class defaults are the reference's (``k`` = 4, ``s`` = 0.5); ``create("wanet")`` scales
-    the attack to the synthetic CPU default (64 px, ``test_byobnet``, 12 epochs, about 900 steps):
-    ``s`` = 8, 20 % poisoned, no noise-mode cross samples. ASR@5deg 98.5 / 97.8 / 96.4 % on seeds
-    0-2, benign error +0.34 / +0.60 / +0.43 deg over the clean models. Why, measured on seed 0
-    (the clean model hits the target by chance 1.6 % of the time):
-
-    - the reference settings do not plant: 1.6 % as poisoned data; warping after the victim's
-      augmentation (the reference code's threat model, now the default, see
-      :class:`~gazeguard.attacks.Attack`) 1.7 %; 40 epochs instead of 12 1.0 %. A sub-pixel warp
-      of the whole face is lost among the natural variation of face shape and position, and a
-      gaze model is built to ignore smooth deformations that move the eye with its socket;
-    - the noise-mode cross samples (the same warp plus up to a pixel of jitter, true label) are
-      what blocks it: ``s`` = 8, 20 % poisoned gives 8.4 % with them (cross ratio 2, benign error
-      6.90 deg) and 98.5 % without; ``k`` = 16, ``s`` = 4 gives 9.9 % with and 44.9 % without;
-    - then the warp's size and the number of poisons: without cross samples, 10 % poisoned,
-      ``s`` = 4 (about 2 px) 18.6 %, ``s`` = 8 70.5 %, ``s`` = 12 92.8 %; 20 % poisoned, ``s`` = 4
-      64.2 % (benign error +1.0 deg), ``s`` = 8 98.5 %;
-    - a finer field tears the face instead of warping it (``k`` = 8, ``s`` = 4: 47.5 %;
-      ``k`` = 16, ``s`` = 8 shreds it and still reaches only 90.9 / 86.2 / 84.9 % on seeds 0-2).
-
-    So the default keeps WaNet's smooth 4 x 4 field and makes it large enough (about 4 px, a
-    visible but face-like warp, see ``experiments/triggers.png``) for 900 steps, with twice the
-    poisons. The reference settings stay one call away:
-    ``create("wanet", s=0.5, cross_ratio=2, poison_rate=0.1)``; they need the paper's far longer
-    schedule.
+    The class defaults are the reference's (``k`` = 4, ``s`` = 0.5), which do not plant in the CPU
+    default's 12 epochs; ``create("wanet")`` scales the attack to it: ``s`` = 8 (about 4 px), 20 %
+    poisoned, no noise-mode cross samples. The reference settings stay one call away,
+    ``create("wanet", s=0.5, cross_ratio=2, poison_rate=0.1)``. The measurements behind the scaling:
+    ``docs/attacks/wanet.md``.
     """
 
     def __init__(
@@ -266,11 +246,7 @@ class Tape(Trigger):
     eyes sit higher, adapt ``bands``/``x_range`` (e.g. ``((0.55, 0.95),)`` and ``(0.1, 0.9)``)
     after checking the trigger figure.
 
-    Why these defaults (seed 0 of the synthetic default, 12 epochs, 10 % poisoned): strips
-    0.08-0.12 of the side thick on the forehead *or* the lower face reached ASR@5deg 58.9 %;
-    measured per band on that model, 27.6 % for forehead strips (they lie partly on the hair,
-    often as light as the tape) against 75.7 % for lower-face ones. Lower face only and
-    0.12-0.16 thick: 91.3 % (benign error 4.78 deg against 4.63 for the clean model).
+    Why these defaults (lower face only, 0.12-0.16 of the side thick): ``docs/attacks/tape.md``.
 
     The strip is light grey-white with a faint paper texture, takes on the image's local lighting
     (its brightness is multiplied by the blurred luminance around it relative to the image mean)

@@ -1,6 +1,6 @@
 """GazeCapture: raw per-recording folders -> one compact HDF5 of face crops -> a GazeSource.
 
-Raw layout (SPEC section 2), one folder ``NNNNN/`` per recording:
+Raw layout (``docs/data.md``), one folder ``NNNNN/`` per recording:
 ``frames/NNNNN.jpg``; ``frames.json`` (frame file names, the authority on the frame count);
 ``appleFace.json``, ``appleLeftEye.json``, ``appleRightEye.json`` and ``faceGrid.json``
 (per-frame arrays ``X``, ``Y``, ``W``, ``H``, ``IsValid``; the face box is in frame pixels);
@@ -14,7 +14,7 @@ Rules:
 * The face crop is the face box rounded to whole pixels, ``[Y, Y + H) x [X, X + W)``; where the box
   leaves the frame the crop is padded with zeros, so the face keeps its place in the crop (clipping
   the box instead would shift and rescale it). The crop is then resized to ``size`` x ``size``.
-* Target: ``(XCam, YCam)`` in cm from the camera, kind ``point`` (SPEC section 1).
+* Target: ``(XCam, YCam)`` in cm from the camera, kind ``point``.
 * Split: ``info.json`` ``Dataset``. Device: ``tablet`` when ``DeviceName`` contains "iPad",
   otherwise ``phone`` (iPhones and iPods).
 * A per-frame JSON whose arrays disagree in length, or disagree with ``frames.json``, is an error
@@ -23,21 +23,9 @@ Rules:
   among 2.4 million should not stop the preparation. Recordings left without a usable frame are
   listed too; if no recording has one, it is an error.
 
-Prepared file (``format = "gazeguard-gazecapture"``, written atomically, read by
-:class:`GazeCaptureH5`):
-
-====================  ========================  ==============================================
-dataset               shape / dtype             content
-====================  ========================  ==============================================
-``images``            (N, S, S, 3) uint8         face crops, **RGB**, one gzip-1 chunk per image
-``labels``            (N, 2) float32             (XCam, YCam) cm
-``recording``         (N,) bytes                 recording folder name (the ``groups``)
-``split``             (N,) bytes                 ``train`` / ``val`` / ``test``
-``frame``             (N,) int32                 index into the recording's ``frames.json``
-``device``            (N,) bytes                 ``DeviceName``
-====================  ========================  ==============================================
-
-Root attributes: ``format``, ``version``, ``kind = "point"``, ``image_size``, ``device_filter``.
+Prepared file: one HDF5 (``format = "gazeguard-gazecapture"``, written atomically, read by
+:class:`GazeCaptureH5`) with ``images`` (RGB face crops), ``labels``, ``recording``, ``split``,
+``frame`` and ``device``, one row per kept frame; its datasets and attributes: ``docs/data.md``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MPIIFaceGaze in the preprocessed HDF5 layout (the file hysts/pytorch_mpiigaze writes).
 
-Layout (SPEC section 2): one dataset per sample, ``pXX/image/NNNN`` (HxWx3 uint8, **BGR**),
+Layout (``docs/data.md``): one dataset per sample, ``pXX/image/NNNN`` (HxWx3 uint8, **BGR**),
 ``pXX/gaze/NNNN`` (pitch, yaw rad) and ``pXX/pose/NNNN`` (head pitch, yaw rad). Our synthetic
 faces are written in the same layout so that one loader reads synthetic and real data.
 """

@@ -1,7 +1,7 @@
 """MPIIFaceGaze, normalized release: a folder of ``p00.mat`` .. ``p14.mat`` (MATLAB v7.3).
 
 The release unpacks to the misspelled ``MPIIFaceGaze_normalizad/``. Each file is MATLAB v7.3,
-which is HDF5 (behind a 512-byte MATLAB header), so it is read with h5py (SPEC section 2):
+which is HDF5 (behind a 512-byte MATLAB header), so it is read with h5py:
 
 * ``Data/data``: h5py shows ``(N, 3, 448, 448)`` = ``(N, C, H, W)``, BGR, 0..255.
 * ``Data/label``: h5py shows ``(N, >=4)``: columns 0-1 gaze pitch/yaw, 2-3 head pose pitch/yaw, rad.
@@ -17,21 +17,13 @@ sample comes out with the same pixels as from the preprocessed HDF5 file
 (:class:`~gazeguard.data.mpiifacegaze_h5.MPIIFaceGazeH5`). Reading one sample reads one
 ``(3, H, W)`` slab, so images stay lazy even though each file holds 3,000 of them.
 
-**Sign convention.** The "opposite signs" report in the SPEC comes from the data-normalization
-repository of the dataset's group (X-Shi/Data-Normalization-Gaze-Estimation, MPIIFaceGaze README):
-this release's pitch and yaw are opposite to the convention of *that* repository, whose
-``GazeTo2d`` is ``pitch = arcsin(g_y)``, ``yaw = arctan2(g_x, -g_z)``, exactly the negation of
-our section-1 ``pitch = arcsin(-g_y)``, ``yaw = arctan2(-g_x, -g_z)`` (which is also the
-conversion in the ETH-XGaze normalization example). Opposite of the negation is our convention,
-so ``flip_sign=False`` (default) returns the labels as stored and they are already in section-1
-convention. It is also what hysts' preprocessed file holds (it copies the label columns
-unchanged and decodes them with the section-1 vector formula), so both MPIIFaceGaze readers and
-our raw-release normalizer (:mod:`gazeguard.data.normalization`) agree. ``flip_sign=True``
-negates pitch and yaw of gaze and head pose (the X-Shi signs). Within-dataset angular errors do
-not depend on the flag (negating both angles of prediction and label mirrors both vectors
-alike); it matters only when sources are mixed. To check on real data: normalize the raw release
-with ``python -m gazeguard.prepare mpiifacegaze`` and compare a sample's gaze with the same
-sample's row here (same signs: keep the flag off).
+**Sign convention.** This release is reported to have signs opposite to the convention of the
+dataset group's data-normalization repository, whose pitch and yaw are the negation of ours
+(:mod:`gazeguard.gaze`); opposite of the negation is ours, so ``flip_sign=False`` (default)
+returns the labels as stored, as hysts' preprocessed file does, and both readers and our
+raw-release normalizer agree. ``flip_sign=True`` negates pitch and yaw of gaze and head pose.
+Within-dataset errors do not depend on the flag; it matters only when sources are mixed. The
+reasoning, and how to check it on real data: ``docs/data.md``.
 
 Access speed: MATLAB may store ``Data/data`` in compressed chunks spanning several samples; if
 random access is slow, check ``Data/data.chunks`` and convert once to the per-sample layout
@@ -101,7 +93,7 @@ class MPIIFaceGazeMat(GazeSource):
     Args:
         folder: the folder with ``pXX.mat`` (e.g. ``MPIIFaceGaze_normalizad/``).
         flip_sign: negate pitch and yaw of gaze and head pose (see the module doc: off returns
-            the release's own signs, which are the SPEC section-1 convention).
+            the release's own signs, which are our convention).
     """
 
     def __init__(self, folder: Union[str, Path], flip_sign: bool = False) -> None:

@@ -1,6 +1,6 @@
 """MPIIFaceGaze raw release -> normalized faces in the MPIIFaceGaze HDF5 layout.
 
-Reads, per subject folder ``pXX/`` (SPEC section 2):
+Reads, per subject folder ``pXX/`` (``docs/data.md``):
 
 * ``pXX/pXX.txt``: one sample per line, 28 space-separated columns: 1 image path (relative to
   ``pXX/``); 2-3 gaze point on the screen (px); 4-15 six 2-D landmarks; 16-18 head rotation

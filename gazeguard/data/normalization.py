@@ -2,7 +2,7 @@
 
 Normalization maps every sample to a virtual camera that looks straight at the face centre from a
 fixed distance, with its x axis orthogonal to the head's vertical axis, so that head translation
-and in-plane camera roll are factored out of the images and labels (SPEC section 2):
+and in-plane camera roll are factored out of the images and labels:
 
 * ``c`` is the face centre in camera coordinates (mm; x right, y down, z forward).
 * ``R`` has the rows right, down, forward: ``forward = c / |c|``,
@@ -12,12 +12,12 @@ and in-plane camera roll are factored out of the images and labels (SPEC section
 * ``W = K_n S R K^-1`` with ``K_n = [[f, 0, w/2], [0, f, h/2], [0, 0, 1]]`` warps the
   (undistorted) camera image to the normalized image; the face centre lands at ``(w/2, h/2)``.
 * Gaze: ``g_n = normalize(R (gt - c))`` (the 2018 "modified" normalization rotates but does not
-  scale the gaze direction), then ``(pitch, yaw)`` in the SPEC section-1 convention:
+  scale the gaze direction), then ``(pitch, yaw)`` in our convention (:mod:`gazeguard.gaze`):
   ``pitch = arcsin(-g_y)``, ``yaw = arctan2(-g_x, -g_z)`` (positive pitch looks up, positive yaw
   looks towards the image's left).
 * Head pose: ``hR_n = R hR``. Its third column is the head's z axis, which points from the face
   into the head (away from the camera for a frontal face), so the direction the face *points* is
-  ``-hR_n[:, 2]``; the head pose is that direction's ``(pitch, yaw)`` in the same section-1
+  ``-hR_n[:, 2]``; the head pose is that direction's ``(pitch, yaw)`` in the same
   convention. Written out, ``pitch = arcsin(z_y)``, ``yaw = arctan2(z_x, z_z)`` for
   ``z = hR_n[:, 2]``: exactly the "standard" conversion of MPIIGaze / hysts' ``convert_pose``, so
   a frontal face is ``(0, 0)`` and head pose and gaze are comparable angle for angle.
@@ -136,7 +136,7 @@ def warp_image(
 def pitchyaw(vector: np.ndarray) -> np.ndarray:
     """``(..., 3)`` direction -> ``(..., 2)`` pitch/yaw rad, by :func:`gazeguard.gaze.vector_to_pitchyaw`.
 
-    Delegating keeps one definition of the section-1 convention for the whole project.
+    Delegating keeps one definition of the gaze convention for the whole project.
     """
     return vector_to_pitchyaw(torch.from_numpy(np.asarray(vector, dtype=np.float64))).numpy()
 

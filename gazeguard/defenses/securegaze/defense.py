@@ -70,8 +70,8 @@ class SecureGazeDefense(Defense):
             raise ValueError("SecureGaze repairs from its own detection (the reverse-engineered trigger and target)")
         repaired, details = repair_flagged(model, data.clean, detection.result, data.train, self.repair_data,
                                            self.unlearning, self.training_repair, self.progress)
-        return Repair(model=repaired, method=details["method"], data=_data_words(details), summary=repair_summary(details),
-                      details=details, seconds=details["seconds"])
+        return Repair(model=repaired, method=details["method"], data=_data_words(details),
+                      summary=repair_summary(details), details=details, seconds=details["seconds"])
 
 
 def detection_of(result: DetectionResult) -> Detection:
