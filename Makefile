@@ -10,6 +10,9 @@ export OMP_WAIT_POLICY := PASSIVE
 .PHONY: install fit test clean
 
 $(STAMP): pyproject.toml constraints.txt
+	@# a checkout from before callbacks/ moved to the top level keeps gazeguard/callbacks/__pycache__,
+	@# which Python would take for the package gazeguard.callbacks
+	@test -f gazeguard/callbacks/__init__.py || rm -rf gazeguard/callbacks
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)

@@ -18,29 +18,20 @@ from typing import Any, Iterable, Optional, Union
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from gazeguard.attacks.metrics import evaluator_for
 from gazeguard.defenses import Defense, DefenseData, DefenseError, Detection, create, load_clean_set, run_defense
 from gazeguard.defenses.report import ReportFiles, StagedFolder, write_report
-from gazeguard.defenses.run import Evaluator, check_clean_count
-from gazeguard.errors import ConfigError, GazeguardError
+from gazeguard.defenses.run import Evaluator, check_clean_count, check_runnable, describe_failure
+from gazeguard.errors import ConfigError
 from gazeguard.loggers import log_files_artifact, to_uint8_images
 
 __all__ = ["REPAIRED_NAME", "DefenseCallback"]
 
 #: File name of the repaired weights, beside the trained checkpoint.
 REPAIRED_NAME = "repaired.ckpt"
-
-
-def _message(name: str, err: BaseException) -> str:
-    """One line naming the defense and what went wrong."""
-    if isinstance(err, DefenseError):
-        return str(err)
-    if isinstance(err, GazeguardError):
-        return f"defense {name!r}: {err}"
-    return f"defense {name!r} failed: {type(err).__name__}: {err}"
 
 
 class DefenseCallback(L.Callback):
@@ -73,6 +64,7 @@ class DefenseCallback(L.Callback):
         defense = create(defense) if isinstance(defense, str) else defense
         if not isinstance(defense, Defense):
             raise ConfigError(f"DefenseCallback needs a gazeguard.defenses.Defense, got {type(defense).__name__}")
+        check_runnable(defense, repair)  # before training, not after it
         self.defense = defense
         self.repair = repair
         self.clean_dataloader = clean_dataloader
@@ -107,16 +99,12 @@ class DefenseCallback(L.Callback):
         pl_module.to(trainer.strategy.root_device)
         payload = self.defend(pl_module, trainer.datamodule, trainer) if trainer.is_global_zero else None
         payload = trainer.strategy.broadcast(payload, src=0)
-        if payload["error"]:
-            raise DefenseError(payload["error"] + self._kept(trainer)) from self._failure
+        self._raise_if(payload["error"], trainer)
         self.report = payload["report"]
         self.verdict = self.report["verdict"]
         if payload["state_dict"] is not None:
             pl_module.load_state_dict(payload["state_dict"])
-        error = self._write(trainer, repaired=payload["state_dict"] is not None)
-        error = trainer.strategy.broadcast(error, src=0)
-        if error:
-            raise DefenseError(error + self._kept(trainer)) from self._failure
+        self._write(trainer, repaired=payload["state_dict"] is not None)
         pl_module.to(device)
         if self.verdict is not None:
             rank_zero_info(f"verdict: {self.verdict}")
@@ -145,7 +133,7 @@ class DefenseCallback(L.Callback):
             outcome = run_defense(self.defense, pl_module, data, self.repair, evaluate)
         except Exception as err:  # any failure must reach every rank, or the others wait forever
             self._failure = err
-            return {"report": None, "state_dict": None, "error": _message(self.name, err)}
+            return {"report": None, "state_dict": None, "error": describe_failure(self.name, err)}
         self.detection = outcome.detection
         repaired = outcome.repair.model if outcome.repair is not None else None
         state_dict = {k: v.detach().cpu() for k, v in repaired.state_dict().items()} if repaired is not None else None
@@ -165,31 +153,66 @@ class DefenseCallback(L.Callback):
         path = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         return f" (the trained checkpoint is kept: {path})" if path else ""
 
-    def _write(self, trainer: L.Trainer, repaired: bool) -> Optional[str]:
-        """Save the repaired checkpoint (every rank calls ``save_checkpoint``; rank 0 writes) and
-        the report, staged, then moved into place together; log. Returns an error message."""
+    def _raise_if(self, error: Optional[str], trainer: L.Trainer) -> None:
+        """Raise the error every rank heard of (from rank 0) on every rank alike."""
+        if error:
+            raise DefenseError(error + self._kept(trainer), on_every_rank=True) from self._failure
+
+    def _cannot_write(self, folder: Path, err: BaseException) -> str:
+        self._failure = err
+        return f"defense {self.name!r}: cannot write its report in {folder} ({type(err).__name__}: {err})"
+
+    def _write(self, trainer: L.Trainer, repaired: bool) -> None:
+        """Save the repaired checkpoint and the report, staged, then moved into place together.
+
+        Every step that involves all ranks is a collective that all ranks reach whatever fails:
+        rank 0 makes the staging folder and every rank learns where it is (or why there is none);
+        every rank calls ``save_checkpoint`` with that same path (rank 0 writes; a sharded
+        strategy writes each rank's part there); rank 0 writes the report, moves everything into
+        place and every rank learns whether that worked. Logging comes last, on rank 0, and a
+        logger's failure only warns: the files are written by then.
+        """
         folder = self._report_folder(trainer)
-        staged = None
-        try:
-            if trainer.is_global_zero:
+        staged, error = None, None
+        if trainer.is_global_zero:
+            try:
                 staged = StagedFolder(folder)
+            except Exception as err:
+                error = self._cannot_write(folder, err)
+        where, error = trainer.strategy.broadcast((str(staged.dir) if staged else None, error), src=0)
+        try:
+            self._raise_if(error, trainer)
             if repaired:
-                trainer.save_checkpoint((staged.dir if staged else folder) / REPAIRED_NAME)
-                self.repaired_checkpoint = str(folder / REPAIRED_NAME)
-                self.report["repaired_checkpoint"] = self.repaired_checkpoint
-            if staged is None:
-                return None
-            pictures = self.detection.pictures if self.detection is not None else []
-            names = ([REPAIRED_NAME] if repaired else []) + write_report(self.report, pictures, staged.dir)
-            staged.commit(names)
-            self._log(trainer, folder)
-            return None
-        except Exception as err:  # as in defend: every rank must hear of it
-            self._failure = err
-            return f"defense {self.name!r}: cannot write its report in {folder} ({type(err).__name__}: {err})"
+                self.report["repaired_checkpoint"] = str(folder / REPAIRED_NAME)
+                self._save_checkpoint(trainer, Path(where) / REPAIRED_NAME, folder)
+            if staged is not None:
+                try:
+                    pictures = self.detection.pictures if self.detection is not None else []
+                    names = write_report(self.report, pictures, staged.dir)
+                    staged.commit(([REPAIRED_NAME] if repaired else []) + names)
+                except Exception as err:
+                    error = self._cannot_write(folder, err)
+            self._raise_if(trainer.strategy.broadcast(error, src=0), trainer)
         finally:
             if staged is not None:
                 staged.cleanup()
+        if repaired:
+            self.repaired_checkpoint = self.report["repaired_checkpoint"]
+        if trainer.is_global_zero:
+            self._log(trainer, folder)
+
+    def _save_checkpoint(self, trainer: L.Trainer, path: Path, folder: Path) -> None:
+        """``trainer.save_checkpoint(path)`` on every rank; a rank that fails still reaches the
+        barrier the others wait in, and every rank learns whether all succeeded."""
+        error = None
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as err:
+            error = self._cannot_write(folder, err)
+            trainer.strategy.barrier("Trainer.save_checkpoint")  # the one save_checkpoint ends with
+        if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
+            self._raise_if(error or f"defense {self.name!r}: saving the repaired checkpoint failed on another rank",
+                           trainer)
 
     def _metrics(self) -> dict[str, float]:
         """The report's numbers as logger metrics, under ``<name>/``."""
@@ -208,16 +231,22 @@ class DefenseCallback(L.Callback):
     def _log(self, trainer: L.Trainer, folder: Path) -> None:
         """The report to every logger as metrics; its pictures where the logger takes images
         (W&B, TensorBoard); on W&B also the verdict and the other evidence in the run summary and
-        the report files as an artifact of type ``<name>-report``."""
+        the report files as an artifact of type ``<name>-report``. A logger that fails is warned
+        about, not fatal: the report is on disk by then."""
         metrics = self._metrics()
         pictures = self.detection.pictures if self.detection is not None else []
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            if isinstance(logger, WandbLogger):
-                self._log_wandb(logger, folder, trainer.global_step)
-            elif isinstance(logger, TensorBoardLogger):
-                for row in pictures:
-                    logger.experiment.add_images(f"{self.name}/{row.key}", row.images, global_step=trainer.global_step)
+            try:
+                logger.log_metrics(metrics, step=trainer.global_step)
+                if isinstance(logger, WandbLogger):
+                    self._log_wandb(logger, folder, trainer.global_step)
+                elif isinstance(logger, TensorBoardLogger):
+                    for row in pictures:
+                        logger.experiment.add_images(f"{self.name}/{row.key}", row.images,
+                                                     global_step=trainer.global_step)
+            except Exception as err:
+                rank_zero_warn(f"defense {self.name!r}: the {type(logger).__name__} did not take the report "
+                               f"({type(err).__name__}: {err}); it is in {folder}")
 
     def _log_wandb(self, logger: WandbLogger, folder: Path, step: int) -> None:
         prefix, report, files = self.name, self.report, ReportFiles(self.name)

@@ -41,12 +41,12 @@ from gazeguard.checkpoints import (
     save_weights,
     to_checkpoint_layout,
 )
-from gazeguard.cli_options import AttackOptions, expand_shorthands
+from gazeguard.cli_options import AttackOptions, expand_shorthands, our_errors_first
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.defenses import Defense, DefenseData, Outcome, SecureGazeDefense, available, load_clean_set, run_defense
 from gazeguard.defenses.registry import class_path
 from gazeguard.defenses.report import ReportFiles, StagedFolder, report_lines, write_report
-from gazeguard.defenses.run import check_clean_count
+from gazeguard.defenses.run import check_clean_count, check_runnable
 from gazeguard.errors import ConfigError, run_command
 from gazeguard.fit import DATA_DEFAULTS
 from gazeguard.model import GazeRegressor
@@ -105,10 +105,13 @@ def build_parser() -> ArgumentParser:
 def run(args: Optional[list[str]] = None) -> dict[str, Any]:
     """Parse ``args`` (default ``sys.argv[1:]``), audit, print the verdict; returns the report."""
     argv = expand_shorthands(sys.argv[1:] if args is None else args)
+    if "null" in [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--defense"]:
+        raise ConfigError("--defense none: an audit needs a defense; name one (e.g. securegaze)")
     parser = build_parser()
     config = parser.parse_args(argv)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
-    init = instantiate(config)
+    with our_errors_first():
+        init = instantiate(config)
     report = audit(
         checkpoint=init.checkpoint,
         data=init.data,
@@ -144,6 +147,7 @@ def audit(
     start = time.perf_counter()
     data = data if data is not None else GazeDataModule()
     defense = defense if defense is not None else SecureGazeDefense()
+    check_runnable(defense, repair)
     path = Path(checkpoint)
 
     # 1. the weights (cheap checks first: nothing is rendered or computed for a bad file)

@@ -14,12 +14,14 @@ whole ``--trainer.logger`` (see :data:`LOGGERS`). The rewrite happens before par
 from __future__ import annotations
 
 import json
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from gazeguard.defenses.registry import class_path, option_names, resolve
-from gazeguard.errors import ConfigError
+from gazeguard.errors import ConfigError, GazeguardError
 
 #: ``--group VALUE`` -> ``--group.field VALUE`` (when VALUE is not a config file).
 SHORTHANDS: dict[str, str] = {"--attack": "--attack.name", "--data": "--data.dataset"}
@@ -63,7 +65,7 @@ def expand_shorthands(argv: Sequence[str]) -> list[str]:
                 raise ConfigError(f"--logger: unknown logger {value!r}; choose one of {', '.join(LOGGERS)}")
             out += ["--trainer.logger", json.dumps(LOGGERS[value])]
             i += consumed
-        elif consumed and flag.startswith("--defense") and not Path(value).is_file():
+        elif consumed and flag.startswith("--defense") and not Path(value).is_file() and not value.startswith("{"):
             out += [flag, _defense_class_path(value)]
             i += consumed
         elif consumed and flag in SHORTHANDS and not Path(value).is_file():
@@ -72,7 +74,7 @@ def expand_shorthands(argv: Sequence[str]) -> list[str]:
         else:
             out.append(argv[i])
             i += 1
-    return check_defense_options(_defense_first(out))
+    return check_defense_options(_without_options_of_no_defense(_defense_first(out)))
 
 
 def _defense_class_path(value: str) -> str:
@@ -96,12 +98,49 @@ def _defense_first(argv: list[str]) -> list[str]:
     return rest[:first] + argv[at:at + 2] + rest[first:]
 
 
+def _without_options_of_no_defense(argv: list[str]) -> list[str]:
+    """With ``--defense none`` last, the ``--defense.OPTION`` flags go (with a note on stderr): a W&B
+    grid that crosses ``defense: [none, securegaze]`` with a defense option runs the ``none`` cell
+    without a defense instead of failing."""
+    named = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--defense"]
+    if not named or named[-1] != "null":
+        return argv
+    out, dropped, i = [], [], 0
+    while i < len(argv):
+        if argv[i].startswith("--defense.") and not argv[i].startswith("--defense.help"):
+            takes_value = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            dropped.append(" ".join(argv[i:i + 1 + takes_value]))
+            i += 1 + takes_value
+        else:
+            out.append(argv[i])
+            i += 1
+    if dropped:
+        print(f"note: no defense (--defense none), so these options are ignored: {', '.join(dropped)}", file=sys.stderr)
+    return out
+
+
+@contextmanager
+def our_errors_first() -> Iterator[None]:
+    """Re-raise a gazeguard error that jsonargparse wrapped while building a class from the command
+    line (a defense option out of range: ``securegaze.steps must be positive``) as itself, so the
+    command line prints it as one line instead of jsonargparse's page on union subtypes."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        cause: Optional[BaseException] = err
+        while cause is not None and not isinstance(cause, GazeguardError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def check_defense_options(argv: list[str]) -> list[str]:
     """Refuse ``--defense.OPTION`` flags that the defense named on the command line does not take,
     with one line naming the defense and its options (jsonargparse's own message is a page)."""
     named = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--defense"]
-    if not named or named[-1] == "null" or Path(named[-1]).is_file():
-        return argv
+    if not named or named[-1] == "null" or named[-1].startswith("{") or Path(named[-1]).is_file():
+        return argv  # no defense, or its class given inline or in a file: jsonargparse checks those
     cls = resolve(named[-1])
     accepted = set(option_names(cls)) | {"help", "class_path", "init_args"}
     for arg in argv:

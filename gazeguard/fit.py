@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from gazeguard import loggers
 from gazeguard.attacks import IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
 from gazeguard.callbacks import BackdoorMetricsLogger, DefenseCallback
-from gazeguard.cli_options import LOGGERS, AttackOptions, expand_shorthands
+from gazeguard.cli_options import LOGGERS, AttackOptions, expand_shorthands, our_errors_first
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.defenses import Defense, available
 from gazeguard.defenses.report import report_lines
@@ -139,7 +139,7 @@ Shorthands, rewritten before parsing (so --print_config shows the result):
 
 def build_cli(args: Optional[list[str]] = None) -> GazeCLI:
     args = expand_shorthands(sys.argv[1:] if args is None else args)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), our_errors_first():
         # we always pass args (the expanded command line); LightningCLI warns when sys.argv differs
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         return GazeCLI(

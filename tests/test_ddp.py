@@ -64,6 +64,15 @@ def test_fit_cli_runs_training_detection_and_repair_under_ddp(tmp_path: Path, wh
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+def test_a_report_that_cannot_be_written_stops_both_ranks_instead_of_hanging(tmp_path: Path):
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "unwritable"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert done.stderr.count("DefenseError: defense 'toy': cannot write its report in") >= 1, done.stderr[-3000:]
+    assert not list(tmp_path.rglob("repaired.ckpt")) and not list(tmp_path.rglob("toy_report.*"))
+    assert not list(tmp_path.rglob("*.tmp"))  # no staging folder left behind
+
+
 def test_a_defense_that_fails_under_ddp_stops_both_ranks_with_one_line(tmp_path: Path):
     args = tiny_fit_args(tmp_path, "--defense", "tests.helpers.toys.FailingDefense", "--trainer.accelerator", "cpu",
                          "--trainer.devices", "2", "--trainer.strategy", "ddp")

@@ -5,6 +5,7 @@ and every way of getting it wrong is one line naming the defense."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,7 @@ from gazeguard.callbacks import DefenseCallback
 from gazeguard.data import GazeDataModule
 from gazeguard.defenses import (
     DEFENSES,
+    Defense,
     DefenseData,
     DefenseError,
     Detection,
@@ -25,10 +27,11 @@ from gazeguard.defenses import (
     create,
     load_clean_set,
     register,
+    registry,
     resolve,
     run_defense,
 )
-from gazeguard.defenses.report import report_lines, to_markdown
+from gazeguard.defenses.report import StagedFolder, report_lines, to_markdown
 from gazeguard.errors import ConfigError
 from gazeguard.model import GazeRegressor
 from gazeguard.synthetic import SyntheticSpec
@@ -55,9 +58,10 @@ def data() -> DefenseData:
 # -- registry ---------------------------------------------------------------------------------
 def test_create_by_name_import_path_and_registration(monkeypatch):
     assert isinstance(create("securegaze"), SecureGazeDefense) and "securegaze" in available()
+    assert resolve("SecureGazeDefense") is SecureGazeDefense  # a registered class by its class name
     toy = create(TOY, threshold=-1.0)
     assert isinstance(toy, ToyDefense) and toy.threshold == -1.0 and resolve(TOY) is ToyDefense
-    monkeypatch.setitem(DEFENSES, "placeholder", SecureGazeDefense)  # restored after the test
+    monkeypatch.setattr(registry, "DEFENSES", dict(DEFENSES))  # what register() adds goes with the test
     register("my-toy", ToyDefense)
     assert create("my-toy").defense_name() == "toy" and "my-toy" in available()
     with pytest.raises(ConfigError, match=r"^unknown defense 'nope'; choose one of .*securegaze.*import path"):
@@ -70,7 +74,25 @@ def test_create_by_name_import_path_and_registration(monkeypatch):
         resolve("tests.helpers.toys.EmptyDefense")
     with pytest.raises(ConfigError, match="module 'tests.helpers.toys' has no 'Missing'"):
         resolve("tests.helpers.toys.Missing")
+    with pytest.raises(ConfigError, match=r"importing module 'tests.helpers.broken_plugin' failed \(RuntimeError: "):
+        resolve("tests.helpers.broken_plugin.Mine")
     assert EmptyDefense.detects() is False and MitigationToy.detects() is False and MitigationToy.repairs()
+
+    class NoOptions(Defense):  # without an __init__ of its own
+        def detect(self, model, clean):
+            raise AssertionError("never called")
+
+    register("no-options", NoOptions)
+    with pytest.raises(ConfigError, match="defense 'no-options' takes no option 'x'; its options: none"):
+        create("no-options", x=1)
+
+    class Renamed(ToyDefense):  # a subclass is another defense: it does not write the toy's files
+        pass
+
+    assert Renamed.defense_name() == "renamed" and ToyDefense.defense_name() == "toy"
+    Renamed.name = "bad name/../x"
+    with pytest.raises(ConfigError, match="its name 'bad name/../x' must be letters, digits"):
+        register("renamed", Renamed)
 
 
 def test_an_entry_point_publishes_a_defense(tmp_path: Path, monkeypatch):
@@ -100,9 +122,10 @@ def test_a_flagged_model_is_repaired_on_a_copy_and_reported(model):
     assert float(model[1].bias.sum()) == pytest.approx(0.2)  # the input model is left as it was
     lines = report_lines(report)
     assert lines[1] == "== Toy ==" and lines[-1] == "verdict: backdoored"
-    assert lines[2].startswith("score (share near the median gaze): ") and "(flags above;" in lines[2]
+    assert lines[2].startswith("score (share near the median gaze): ") and "(flags above; margin -)" in lines[2]
+    assert report["detection"]["margin"] is None  # threshold -1: no ratio to speak of (and strict JSON stays valid)
     assert "repair: the last linear layer's bias set to zero" in lines
-    json.dumps(report)  # JSON-able as it is
+    json.dumps(report, allow_nan=False)  # JSON-able as it is
 
 
 def test_a_clean_verdict_repairs_nothing_and_a_mitigation_has_no_verdict(model):
@@ -115,6 +138,8 @@ def test_a_clean_verdict_repairs_nothing_and_a_mitigation_has_no_verdict(model):
     assert "**mitigation only**" in to_markdown(mitigation.report, None)
     with pytest.raises(ConfigError, match="only mitigates .* with repair off it has nothing to do"):
         run_defense(MitigationToy(), model, data(), repair=False)
+    with pytest.raises(ConfigError, match="only mitigates"):  # refused before training, not after it
+        DefenseCallback(MitigationToy(), repair=False)
 
 
 def test_failures_inside_a_defense_name_it(model):
@@ -131,6 +156,36 @@ def test_failures_inside_a_defense_name_it(model):
 
     with pytest.raises(DefenseError, match="defense 'sloppy': detect returned dict, not a Detection"):
         run_defense(Sloppy(), model, data())
+
+    def broken_evaluator(model):
+        raise KeyError("test_dataloader")
+
+    with pytest.raises(DefenseError, match=r"^measuring the model before defense 'toy' failed: KeyError"):
+        run_defense(ToyDefense(), model, data(), evaluate=broken_evaluator)  # not blamed on the defense
+
+
+def test_a_failed_commit_puts_back_the_files_it_replaced(tmp_path: Path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "toy_report.json").write_text("earlier run")
+    with StagedFolder(folder) as staged:
+        (staged.dir / "toy_report.json").write_text("this run")
+        (staged.dir / "toy_report.md").write_text("this run")
+        real_replace, calls = os.replace, []
+
+        def failing_second_move(src, dst):
+            calls.append(dst)
+            if str(dst).endswith("toy_report.md"):
+                raise OSError(28, "No space left on device")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", failing_second_move)
+        with pytest.raises(OSError):
+            staged.commit(["toy_report.json", "toy_report.md"])
+        monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # the staging folder is gone
+    assert sorted(p.name for p in folder.iterdir()) == ["toy_report.json"]
+    assert (folder / "toy_report.json").read_text() == "earlier run"
 
 
 def test_room_for_calibration_and_verification_in_the_report(model):
@@ -190,6 +245,7 @@ def test_a_failing_defense_is_one_line_and_keeps_the_trained_checkpoint(tmp_path
     (checkpoint,) = (tmp_path / "runs").rglob("epoch=*.ckpt")
     assert err[-1] == (f"error: defense 'failing-toy' failed in detect: RuntimeError: the toy detector broke "
                        f"(the trained checkpoint is kept: {checkpoint})")
+    assert not any("Traceback" in line for line in err)
     assert not [p for p in checkpoint.parent.iterdir() if p.name != checkpoint.name]  # no report, no repair
     torch.load(checkpoint, map_location="cpu", weights_only=True)  # whole
 
@@ -208,3 +264,16 @@ def test_a_users_trainer_runs_the_toy_defense(tmp_path: Path):
     (report,) = tmp_path.rglob("toy_report.json")
     assert json.loads(report.read_text())["verdict"] == callback.verdict
     assert (report.parent / "toy_examples.png").is_file() and not list(tmp_path.rglob("repaired.ckpt"))
+
+
+@pytest.mark.slow
+def test_a_bad_option_value_is_one_line_before_training(tmp_path: Path, capsys):
+    from gazeguard import audit
+
+    assert fit.main(tiny_fit_args(tmp_path, "--defense", "securegaze", "--defense.detection.steps", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: securegaze.steps must be positive, got 0"] and not (tmp_path / "runs").exists()
+    assert audit.main(["--checkpoint", str(tmp_path / "m.ckpt"), "--defense.detection.steps", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: securegaze.steps must be positive, got 0"]
+    assert audit.main(["--checkpoint", str(tmp_path / "m.ckpt"), "--defense", "none"]) == 2
+    assert "an audit needs a defense" in capsys.readouterr().err

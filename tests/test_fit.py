@@ -55,8 +55,11 @@ def test_shorthands_expand_unless_the_value_is_a_config_file(tmp_path: Path):
         "--attack.name", "wanet", "--attack.poison_rate", "0.05"]
     assert expand_shorthands(["--defense=securegaze", "--data", "mpiifacegaze"]) == [
         "--defense", "gazeguard.defenses.securegaze.defense.SecureGazeDefense", "--data.dataset", "mpiifacegaze"]
-    assert expand_shorthands(["--defense.detection.steps", "5", "--defense", "none"]) == [
-        "--defense", "null", "--defense.detection.steps", "5"]  # the class first, whatever the order
+    assert expand_shorthands(["--defense.detection.steps", "5", "--defense", "securegaze"]) == [
+        "--defense", "gazeguard.defenses.securegaze.defense.SecureGazeDefense", "--defense.detection.steps", "5"]
+    # no defense: its options go, so that a sweep crossing none with a defense option still runs
+    assert expand_shorthands(["--defense.detection.steps=5", "--defense", "none", "--seed", "1"]) == [
+        "--defense", "null", "--seed", "1"]
     assert expand_shorthands(["--data", str(config), "--seed", "1"]) == ["--data", str(config), "--seed", "1"]
 
 

@@ -20,6 +20,7 @@ Fields the calibration and verification of a later change will fill (``calibrati
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
@@ -29,9 +30,14 @@ from tqdm.auto import tqdm
 
 from gazeguard.defenses.common import CleanLike, CleanSet
 
-__all__ = ["Defense", "DefenseData", "Detection", "PictureRow", "Repair", "Verdict"]
+__all__ = ["Defense", "DefenseData", "Detection", "PictureRow", "Repair", "Verdict", "class_path"]
 
 Verdict = Literal["backdoored", "clean"]
+
+
+def class_path(cls: type) -> str:
+    """``module.Class``: how jsonargparse, a config file and the report name a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclass
@@ -101,11 +107,13 @@ class Detection:
         return self.verdict == "backdoored"
 
     @property
-    def margin(self) -> float:
+    def margin(self) -> Optional[float]:
         """How many times farther the score lies on the flagging side than the threshold (above
-        1: flagged; below 1: clean, and by how much it would need to move)."""
+        1: flagged; below 1: clean, and by how much it would need to move); ``None`` where a
+        ratio means nothing (a score or threshold at or below zero)."""
         low, high = (self.score, self.threshold) if self.flags == "below" else (self.threshold, self.score)
-        return float(high / low) if low > 0 else float("inf")
+        ratio = high / low if low > 0 and high > 0 else math.nan
+        return float(ratio) if math.isfinite(ratio) else None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able part (pictures and ``result`` left out)."""
@@ -164,9 +172,11 @@ class DefenseData:
 class Defense:
     """Base class of every defense: override :meth:`detect`, :meth:`repair` or both.
 
-    Class attributes:
+    Class attributes (each class's own: a subclass of a defense is another defense, and without
+    a ``name`` of its own it does not write the parent's report files):
         name: the registry name, also the stem of the report files (``<name>_report.json``)
-            and the loggers' key prefix; default: the class name in lower case.
+            and the loggers' key prefix (letters, digits, ``-``, ``_``, ``.``); default: the
+            class name in lower case.
         title: the name shown to people; default: the class name.
 
     Constructor arguments are the defense's options: the command lines build a defense from
@@ -176,8 +186,8 @@ class Defense:
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
-    #: Makes the progress bars of long phases (see :data:`~gazeguard.defenses.common.ProgressFactory`);
-    #: off unless the runner turns it on.
+    #: Whether :meth:`progress` shows its bars; off unless the caller turns it on (the callback
+    #: does when the Trainer shows bars, the audit always).
     show_progress: bool = False
 
     def detect(self, model: nn.Module, clean: CleanLike) -> Detection:
@@ -195,11 +205,11 @@ class Defense:
 
     @classmethod
     def defense_name(cls) -> str:
-        return cls.name or cls.__name__.lower()
+        return cls.__dict__.get("name") or cls.__name__.lower()
 
     @classmethod
     def defense_title(cls) -> str:
-        return cls.title or cls.__name__
+        return cls.__dict__.get("title") or cls.__name__
 
     @classmethod
     def detects(cls) -> bool:

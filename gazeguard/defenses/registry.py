@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from importlib.metadata import entry_points
 from typing import Any
 
-from gazeguard.defenses.base import Defense
+from gazeguard.defenses.base import Defense, class_path
 from gazeguard.defenses.securegaze.defense import SecureGazeDefense
 from gazeguard.errors import ConfigError
 
@@ -31,11 +32,6 @@ ENTRY_POINT_GROUP = "gazeguard.defenses"
 
 #: The defenses registered by name (the built-in ones and those added with :func:`register`).
 DEFENSES: dict[str, type[Defense]] = {"securegaze": SecureGazeDefense}
-
-
-def class_path(cls: type) -> str:
-    """``module.Class``: how jsonargparse and a config file name the class."""
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def check_defense_class(cls: Any, spec: str) -> type[Defense]:
@@ -50,6 +46,9 @@ def check_defense_class(cls: Any, spec: str) -> type[Defense]:
             f"defense {spec!r}: {class_path(cls)} overrides neither detect(model, clean) nor "
             "repair(model, data, detection), so it cannot run"
         )
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cls.defense_name()):
+        raise ConfigError(f"defense {spec!r}: its name {cls.defense_name()!r} must be letters, digits, '-', '_' or "
+                          "'.' (it names the report files and the logged metrics)")
     return cls
 
 
@@ -68,10 +67,13 @@ def available() -> list[str]:
 
 
 def resolve(spec: str) -> type[Defense]:
-    """The defense class named by ``spec``: a registered name, an entry-point name or an import
-    path ``package.module.Class``."""
+    """The defense class named by ``spec``: a registered name, an entry-point name, the class
+    name of a registered defense, or an import path ``package.module.Class``."""
     if spec in DEFENSES:
         return DEFENSES[spec]
+    by_class = [cls for cls in DEFENSES.values() if cls.__name__ == spec]
+    if by_class:
+        return by_class[0]
     points = _entry_points()
     if spec in points:
         try:
@@ -89,6 +91,9 @@ def resolve(spec: str) -> type[Defense]:
     except ImportError as err:
         raise ConfigError(f"defense {spec!r}: cannot import module {module_name!r} ({err}); registered defenses: "
                           f"{', '.join(available())}") from err
+    except Exception as err:  # a plug-in that fails while it is imported: name it and what went wrong
+        raise ConfigError(f"defense {spec!r}: importing module {module_name!r} failed ({type(err).__name__}: "
+                          f"{err})") from err
     if not hasattr(module, attribute):
         raise ConfigError(f"defense {spec!r}: module {module_name!r} has no {attribute!r}")
     return check_defense_class(getattr(module, attribute), spec)
@@ -96,15 +101,15 @@ def resolve(spec: str) -> type[Defense]:
 
 def option_names(cls: type[Defense]) -> list[str]:
     """The options (constructor parameters) of a defense class."""
-    parameters = inspect.signature(cls.__init__).parameters.values()
-    return [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    parameters = inspect.signature(cls).parameters.values()
+    return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def create(spec: str, **options: Any) -> Defense:
     """The defense named by ``spec`` (see :func:`resolve`) built with ``options``."""
     cls = resolve(spec)
     unknown = sorted(set(options) - set(option_names(cls)))
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values()):
         raise ConfigError(f"defense {spec!r} takes no option {', '.join(map(repr, unknown))}; its options: "
                           f"{', '.join(option_names(cls)) or 'none'}")
     return cls(**options)

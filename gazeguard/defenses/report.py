@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gazeguard.defenses.base import Defense, Detection, PictureRow, Repair  # noqa: E402
+from gazeguard.defenses.base import Defense, Detection, PictureRow, Repair, class_path  # noqa: E402
 from gazeguard.errors import ConfigError  # noqa: E402
 from gazeguard.gaze import UNITS, TargetKind, default_tau  # noqa: E402
 from gazeguard.pictures import to_uint8_images  # noqa: E402
@@ -67,7 +67,7 @@ def build_report(
     return {
         "defense": defense.defense_name(),
         "title": defense.defense_title(),
-        "class_path": f"{type(defense).__module__}.{type(defense).__qualname__}",
+        "class_path": class_path(type(defense)),
         "kind": kind,
         "verdict": detection.verdict if detection is not None else None,
         "detection": detection.to_dict() if detection is not None else None,
@@ -93,8 +93,9 @@ def _metric(key: str, value: Optional[float]) -> str:
 
 
 def _decision(detection: dict[str, Any]) -> str:
+    margin = "-" if detection["margin"] is None else f"{detection['margin']:.2f}x"
     return (f"score ({detection['score_name']}): {detection['score']:.3f}  threshold: {detection['threshold']:.3f} "
-            f"(flags {detection['flags']}; margin {detection['margin']:.2f}x)")
+            f"(flags {detection['flags']}; margin {margin})")
 
 
 def _verification(repair: dict[str, Any]) -> Optional[str]:
@@ -207,17 +208,26 @@ class StagedFolder:
             raise ConfigError(f"{self.folder}: cannot write in {anchor} ({err.strerror or err})") from err
 
     def commit(self, names: list[str]) -> None:
-        """Move ``names`` (files in :attr:`dir`) into the folder, in that order."""
+        """Move ``names`` (files in :attr:`dir`) into the folder, in that order. Files they replace
+        are set aside first, and put back if the commit fails."""
         created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         moved: list[Path] = []
+        replaced: list[tuple[Path, Path]] = []
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for name in names:
-                os.replace(self.dir / name, self.folder / name)
-                moved.append(self.folder / name)
+                target = self.folder / name
+                if target.exists():
+                    aside = self.dir / f".replaced.{name}"
+                    os.replace(target, aside)
+                    replaced.append((aside, target))
+                os.replace(self.dir / name, target)
+                moved.append(target)
         except OSError:
             for target in moved:
                 target.unlink(missing_ok=True)
+            for aside, target in replaced:
+                os.replace(aside, target)
             for folder in created:  # innermost first
                 try:
                     folder.rmdir()

@@ -22,14 +22,32 @@ from gazeguard.defenses.report import build_report
 from gazeguard.errors import ConfigError, GazeguardError
 from gazeguard.gaze import TARGET_KINDS
 
-__all__ = ["DefenseError", "Evaluator", "Outcome", "check_clean_count", "run_defense"]
+__all__ = ["DefenseError", "Evaluator", "Outcome", "check_clean_count", "check_runnable", "describe_failure",
+           "run_defense"]
 
 #: Measures a model (e.g. benign error, ASR, robust error on test data).
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
 
 class DefenseError(GazeguardError):
-    """A defense failed while it ran; the message names the defense and what went wrong."""
+    """A defense failed while it ran; the message names the defense and what went wrong.
+
+    ``on_every_rank`` marks an error that every DDP process raises alike (the callback broadcasts
+    its errors), so that a command line prints it once, from rank 0.
+    """
+
+    def __init__(self, message: str, on_every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.on_every_rank = on_every_rank
+
+
+def describe_failure(name: str, err: BaseException, phase: Optional[str] = None) -> str:
+    """One line naming the defense ``name`` and what went wrong (in ``phase``, when known)."""
+    if isinstance(err, DefenseError):
+        return str(err)
+    if isinstance(err, GazeguardError):
+        return f"defense {name!r}: {err}"
+    return f"defense {name!r} failed{f' in {phase}' if phase else ''}: {type(err).__name__}: {err}"
 
 
 @dataclass
@@ -43,16 +61,25 @@ class Outcome:
 
 @contextmanager
 def _named(defense: Defense, phase: str) -> Iterator[None]:
-    """Re-raise anything from ``phase`` as a :class:`DefenseError` naming the defense."""
-    name = defense.defense_name()
+    """Re-raise anything from ``phase`` (of the defense itself) as a :class:`DefenseError`."""
     try:
         yield
     except DefenseError:
         raise
-    except GazeguardError as err:
-        raise DefenseError(f"defense {name!r}: {err}") from err
     except Exception as err:
-        raise DefenseError(f"defense {name!r} failed in {phase}: {type(err).__name__}: {err}") from err
+        raise DefenseError(describe_failure(defense.defense_name(), err, phase)) from err
+
+
+@contextmanager
+def _evaluating(defense: Defense, when: str) -> Iterator[None]:
+    """Re-raise a failure of the caller's evaluator naming it, not blaming the defense."""
+    try:
+        yield
+    except GazeguardError:
+        raise
+    except Exception as err:
+        raise DefenseError(f"measuring the model {when} defense {defense.defense_name()!r} failed: "
+                           f"{type(err).__name__}: {err}") from err
 
 
 def _returned(defense: Defense, what: str, value: Any, expected: type) -> Any:
@@ -70,6 +97,13 @@ def check_clean_count(defense: Defense, count: int, repair: bool) -> None:
                           f"min_clean={needed}; give the defender more clean data (e.g. --data.defender_fraction)")
 
 
+def check_runnable(defense: Defense, repair: bool) -> None:
+    """Refuse a run with nothing to do (a mitigation-only defense with repair off), up front."""
+    if not defense.detects() and not repair:
+        raise ConfigError(f"defense {defense.defense_name()!r} only mitigates (it has no detect), so with repair "
+                          "off it has nothing to do; turn repair on")
+
+
 def run_defense(
     defense: Defense,
     model: nn.Module,
@@ -81,13 +115,10 @@ def run_defense(
 
     ``model`` itself is not changed: a repair returns a copy (``Outcome.repair.model``).
     """
-    name = defense.defense_name()
-    if not defense.detects() and not repair:
-        raise ConfigError(f"defense {name!r} only mitigates (it has no detect), so with repair off it has "
-                          "nothing to do; turn repair on")
+    check_runnable(defense, repair)
     kind = getattr(model, "kind", "angle")
     kind = kind if kind in TARGET_KINDS else "angle"
-    with _named(defense, "the evaluation before"):
+    with _evaluating(defense, "before"):
         before = evaluate(model) if evaluate is not None else {}
     detection = None
     if defense.detects():
@@ -97,6 +128,6 @@ def run_defense(
     if repair and defense.repairs() and (detection is None or detection.is_backdoored):
         with _named(defense, "repair"):
             fixed = _returned(defense, "repair", defense.repair(model, data, detection), Repair)
-    with _named(defense, "the evaluation after repair"):
+    with _evaluating(defense, "after the repair of"):
         after = evaluate(fixed.model) if fixed is not None and evaluate is not None else None
     return Outcome(build_report(defense, kind, detection, fixed, before, after), detection, fixed)

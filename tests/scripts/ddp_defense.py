@@ -1,7 +1,9 @@
 """Run by tests/test_ddp.py: a defense callback in a user's own Trainer under DDP (2 CPU processes, gloo).
 
 ``python ddp_defense.py OUT securegaze`` runs the ``SecureGaze`` callback; ``python ddp_defense.py
-OUT toy`` runs ``DefenseCallback(ToyDefense(...))``, a defense from outside the package. Lightning's
+OUT toy`` runs ``DefenseCallback(ToyDefense(...))``, a defense from outside the package;
+``unwritable`` runs the toy with a report folder that cannot be made (under a file), so that
+every rank must hear of rank 0's failure instead of waiting for it. Lightning's
 DDP launcher starts the second rank by running this script again, so it must be a file rather than
 a test function. Each rank writes what it ended with to ``OUT/rank{N}.json``: a digest of its
 weights after repair, its verdict, and whether it ran the detection itself.
@@ -75,8 +77,11 @@ def main(out: Path, which: str) -> None:
             repair=True,
             repair_config=RepairConfig(epochs=1, min_clean=8),
         )
-    else:
+    elif which == "toy":
         defense = DefenseCallback(ToyDefense(threshold=-1.0))
+    else:
+        (out / "a-file").write_text("")
+        defense = DefenseCallback(ToyDefense(threshold=-1.0), report_dir=str(out / "a-file" / "reports"))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

@@ -58,7 +58,7 @@ class Suspects:
     @property
     def label_spike(self) -> float:
         """Labels at the target over what a smooth density predicts there (see
-        :attr:`TrainingRepairConfig.min_label_spike`)."""
+        :attr:`~gazeguard.defenses.securegaze.training_repair.TrainingRepairConfig.min_label_spike`)."""
         return self.count / max(self.around_target / 3.0, 1.0)
 
     @property

@@ -92,7 +92,7 @@ class TrainingRepairConfig:
             augmentation) no longer fires mirrored. A trigger seen both ways (stamped before the
             flip) fires either way, and such suspects stay out as before.
         warp_grid: control points per side of the warp registered between the mean images
-            (:func:`~gazeguard.defenses.trigger_estimate.register_warp`; WaNet's ``k``).
+            (:func:`~gazeguard.defenses.securegaze.trigger_estimate.register_warp`; WaNet's ``k``).
         warp_max_shift: most pixels the registered warp may move a pixel; 0: only the added
             estimate is tried.
         probe_images: how many kept training images (the first, in dataset order) each trigger
@@ -147,8 +147,8 @@ class TrainingRepairResult:
         relabelled: suspects trained on in the last epoch, labelled with the repaired model's
             gaze (those it already sent away from the target).
         trigger_kind: the estimate unlearnt, ``added`` or ``warp``
-            (:class:`~gazeguard.defenses.trigger_estimate.TriggerEstimate`).
-        trigger_size: its :attr:`~gazeguard.defenses.trigger_estimate.TriggerEstimate.size`
+            (:class:`~gazeguard.defenses.securegaze.trigger_estimate.TriggerEstimate`).
+        trigger_size: its :attr:`~gazeguard.defenses.securegaze.trigger_estimate.TriggerEstimate.size`
             (pixel values for ``added``, pixels moved for ``warp``).
         trigger_hits: per estimate tried, the share of the probe images it sent to the target.
         history: mean training loss per epoch.
@@ -255,7 +255,7 @@ def repair_with_training_data(
     estimate, hits = read_trigger(model, suspects, kept, detection, tau, config)
     estimate = dataclasses.replace(estimate, pattern=estimate.pattern.to(device))
     repaired = copy.deepcopy(model).to(device)
-    repaired.eval()  # normalisation statistics stay as trained (see gazeguard.defenses.repair)
+    repaired.eval()  # normalisation statistics stay as trained (see .unlearning)
     repaired.requires_grad_(True)
     optimiser = torch.optim.Adam(repaired.parameters(), lr=config.lr)
     relabel_epochs = range(config.clean_epochs, config.epochs) if config.suspect_repeats > 0 else range(0)
