@@ -7,8 +7,10 @@ global rank 0 (the defender's clean split is small, and sharding it would make a
 depend on the world size); the report and, after a repair, the repaired weights are broadcast, so
 every rank ends with the same verdict and identical weights; one report and one
 ``repaired.ckpt`` are written, staged and moved into place together, beside the trained
-checkpoint, which is never touched. A defense that fails stops the run with one
-:class:`~gazeguard.defenses.DefenseError` naming it, on every rank.
+checkpoint, which is never touched. A repair that the defense's own check after repair still
+flags is not presented as the repaired model: the trainer keeps the trained weights, and the
+attempt is kept as ``repair_failed.pt`` for inspection. A defense that fails stops the run with
+one :class:`~gazeguard.defenses.DefenseError` naming it, on every rank.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -28,10 +31,12 @@ from gazeguard.defenses.run import Evaluator, check_clean_count, check_runnable,
 from gazeguard.errors import ConfigError
 from gazeguard.loggers import log_files_artifact, to_uint8_images
 
-__all__ = ["REPAIRED_NAME", "DefenseCallback"]
+__all__ = ["FAILED_REPAIR_NAME", "REPAIRED_NAME", "DefenseCallback"]
 
 #: File name of the repaired weights, beside the trained checkpoint.
 REPAIRED_NAME = "repaired.ckpt"
+#: File name of a repair whose check failed (a plain state dict, for inspection only).
+FAILED_REPAIR_NAME = "repair_failed.pt"
 
 
 class DefenseCallback(L.Callback):
@@ -40,8 +45,9 @@ class DefenseCallback(L.Callback):
     Args:
         defense: the defense, or its name or import path (see :func:`~gazeguard.defenses.create`).
         repair: let the defense repair (a detector repairs a model it flags; a mitigation-only
-            defense always does); the trainer's model then holds the repaired weights, also saved
-            as ``repaired.ckpt`` beside the trained checkpoint, which is kept as it was.
+            defense always does); when the repair passes its check, the trainer's model then holds
+            the repaired weights, also saved as ``repaired.ckpt`` beside the trained checkpoint,
+            which is kept as it was.
         clean_dataloader: the defender's clean images; default: the datamodule's
             ``defender_dataloader()`` (a split that was never trained on).
         report_dir: where the report goes; default: next to the checkpoint (or the log dir).
@@ -75,6 +81,7 @@ class DefenseCallback(L.Callback):
         self.report: dict[str, Any] = {}
         self.repaired_checkpoint: Optional[str] = None
         self._failure: Optional[BaseException] = None  # rank 0's exception, chained to the error
+        self._failed_repair: Optional[dict[str, Any]] = None  # rank 0: the weights of a repair that failed its check
 
     @property
     def name(self) -> str:
@@ -135,8 +142,10 @@ class DefenseCallback(L.Callback):
             self._failure = err
             return {"report": None, "state_dict": None, "error": describe_failure(self.name, err)}
         self.detection = outcome.detection
-        repaired = outcome.repair.model if outcome.repair is not None else None
-        state_dict = {k: v.detach().cpu() for k, v in repaired.state_dict().items()} if repaired is not None else None
+        fixed = outcome.repair
+        weights = {k: v.detach().cpu() for k, v in fixed.model.state_dict().items()} if fixed is not None else None
+        self._failed_repair = weights if fixed is not None and not fixed.accepted else None
+        state_dict = weights if fixed is not None and fixed.accepted else None
         return {"report": outcome.report, "state_dict": state_dict, "error": None}
 
     # -- outputs -----------------------------------------------------------------------------
@@ -187,9 +196,14 @@ class DefenseCallback(L.Callback):
                 self._save_checkpoint(trainer, Path(where) / REPAIRED_NAME, folder)
             if staged is not None:
                 try:
+                    kept = [REPAIRED_NAME] if repaired else []
+                    if self._failed_repair is not None:
+                        torch.save(self._failed_repair, staged.dir / FAILED_REPAIR_NAME)
+                        self.report["failed_repair_weights"] = str(folder / FAILED_REPAIR_NAME)
+                        kept.append(FAILED_REPAIR_NAME)
                     pictures = self.detection.pictures if self.detection is not None else []
                     names = write_report(self.report, pictures, staged.dir)
-                    staged.commit(([REPAIRED_NAME] if repaired else []) + names)
+                    staged.commit(kept + names)
                 except Exception as err:
                     error = self._cannot_write(folder, err)
             self._raise_if(trainer.strategy.broadcast(error, src=0), trainer)

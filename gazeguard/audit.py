@@ -15,7 +15,8 @@ known (never given to the defense).
 Outputs go to ``--out`` (default ``<checkpoint folder>/<stem>_audit/``): the defense's report
 (JSON, markdown, picture) and ``<stem>.repaired.<ext>``. They are staged in a temporary folder
 and moved into place only when everything succeeded, so a failed audit leaves nothing behind
-(the synthetic data cache excepted). Errors print one line, ``error: ...``, and exit with 2.
+(the synthetic data cache excepted). The exit status is 0 for a clean verdict, 1 for a
+backdoored one, 2 for an error (which prints one line, ``error: ...``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def build_parser() -> ArgumentParser:
         prog="gazeguard-audit",
         description="Audit a gaze model someone else trained for a backdoor, without running code from its file; "
         f"optionally repair it. Defenses: {', '.join(available())}, or the import path of a Defense subclass "
-        "(--defense NAME, its options as --defense.OPTION; --defense.help NAME lists them).",
+        "(--defense NAME, its options as --defense.OPTION; --defense.help NAME lists them). Exit status: 0 "
+        "clean, 1 backdoored, 2 error, so that a model release can be gated on it.",
         formatter_class=DefaultHelpFormatter,
         default_env=False,
     )
@@ -214,7 +216,7 @@ def _write_outputs(outcome: Outcome, ckpt: Checkpoint, key_map: KeyMap, model: G
     """The repaired weights (if any) and the report, staged, then moved into place together."""
     report = outcome.report
     order = []
-    if outcome.repair is not None:
+    if outcome.repair is not None and outcome.repair.accepted:  # a repair that failed its check is not written
         repaired = {k: v.detach().cpu() for k, v in outcome.repair.model.state_dict().items()}
         target = repaired_path(ckpt, staging.folder)
         weights = to_checkpoint_layout(repaired, key_map, ckpt.state_dict)
@@ -312,13 +314,25 @@ def format_audit(report: dict[str, Any]) -> str:
     lines += [f"note: {note}" for note in info["notes"]]
     if info["repair_requested"] and report["verdict"] == "clean":
         lines.append("repair: not needed (not flagged)")
+    if report["repair"] is not None and not report["repair"]["accepted"]:
+        lines.append("repaired file: not written (the repaired model is still flagged)")
     lines.append(f"report: {report['report']}")
     lines += report_lines(report)
     return "\n".join(lines)
 
 
+#: The audit's exit status, as security scanners have it, so that a model release can be gated on it.
+EXIT_CLEAN, EXIT_BACKDOORED, EXIT_ERROR = 0, 1, 2
+
+
 def main(args: Optional[list[str]] = None) -> int:
-    return run_command(lambda: run(args))
+    """Exit 0 when the model is judged clean (or a mitigation-only defense ran), 1 when it is judged
+    backdoored (whether or not a repaired file was written), 2 on an error."""
+    reports: list[dict[str, Any]] = []
+    status = run_command(lambda: reports.append(run(args)))
+    if status != 0:
+        return EXIT_ERROR
+    return EXIT_BACKDOORED if reports[0]["verdict"] == "backdoored" else EXIT_CLEAN
 
 
 if __name__ == "__main__":

@@ -172,7 +172,15 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synthetic")
 
 
-def tiny_args(cache: Path, checkpoint: Path, *extra: str) -> list[str]:
+#: SecureGaze sized for the tiny data.
+TINY_SECUREGAZE = (
+    "--defense.detection.steps", "4", "--defense.detection.batch_size", "16", "--defense.detection.min_clean", "16",
+    "--defense.detection.num_examples", "2", "--defense.unlearning.epochs", "1",
+    "--defense.unlearning.refresh_steps", "0", "--defense.unlearning.min_clean", "16",
+)
+
+
+def tiny_args(cache: Path, checkpoint: Path, *extra: str, defense: tuple[str, ...] = TINY_SECUREGAZE) -> list[str]:
     return [
         "--checkpoint", str(checkpoint),
         "--data.root", str(cache),
@@ -183,13 +191,7 @@ def tiny_args(cache: Path, checkpoint: Path, *extra: str) -> list[str]:
         "--data.test_subjects", "[p03]",
         "--data.defender_fraction", "0.4",
         "--data.batch_size", "32",
-        "--defense.detection.steps", "4",
-        "--defense.detection.batch_size", "16",
-        "--defense.detection.min_clean", "16",
-        "--defense.detection.num_examples", "2",
-        "--defense.unlearning.epochs", "1",
-        "--defense.unlearning.refresh_steps", "0",
-        "--defense.unlearning.min_clean", "16",
+        *defense,
         "--device", "cpu",
         *extra,
     ]
@@ -197,9 +199,9 @@ def tiny_args(cache: Path, checkpoint: Path, *extra: str) -> list[str]:
 
 def test_audit_of_a_lightning_checkpoint_prints_the_verdict_and_writes_the_report(tmp_path, data_cache, capsys):
     path = lightning_checkpoint(tiny_model(), tmp_path / "theirs.ckpt")
-    assert audit.main(tiny_args(data_cache, path, "--attack", "blended")) == 0  # a known trigger, measured
+    status = audit.main(tiny_args(data_cache, path, "--attack", "blended"))  # a known trigger, measured
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] in ("verdict: backdoored", "verdict: clean")
+    assert (lines[-1], status) in (("verdict: backdoored", 1), ("verdict: clean", 0))  # a scanner's exit status
     assert any(line.startswith("ASR@5deg ") for line in lines)
     threshold = f"threshold: {SecureGazeConfig().threshold:.3f}"
     assert any(line.startswith("score (dispersion ratio): ") and threshold in line for line in lines)
@@ -218,15 +220,17 @@ def test_audit_of_a_lightning_checkpoint_prints_the_verdict_and_writes_the_repor
 
 def test_repair_writes_the_repaired_file_in_the_input_format(tmp_path, data_cache, capsys):
     model = tiny_model()
+    with torch.no_grad():
+        model.gaze_head.bias.fill_(0.1)  # what the toy defense takes for a backdoor
     original = {f"module.{k}": v for k, v in model.state_dict().items()}
     save_file(original, tmp_path / "theirs.safetensors")
     out = tmp_path / "audit"
-    # threshold 100: flag whatever the statistic, so that the repair runs
+    # the toy defense flags the model's head bias and zeroes it: a repair that passes its check
     args = tiny_args(data_cache, tmp_path / "theirs.safetensors", "--out", str(out), "--repair", "true",
-                     "--defense.detection.threshold", "100", "--evaluate", "false")
-    assert audit.main(args) == 0
+                     "--evaluate", "false", defense=("--defense", "tests.helpers.toys.ToyDefense"))
+    assert audit.main(args) == 1  # the audited model is backdoored, whatever was written beside it
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == "verdict: backdoored"
+    assert lines[-2:] == ["repair: verified (statistic 0.000)", "verdict: backdoored"]
     repaired = out / "theirs.repaired.safetensors"
     assert f"repaired checkpoint: {repaired}" in lines
     assert "keys: prefix 'module.' stripped" in lines
@@ -234,7 +238,20 @@ def test_repair_writes_the_repaired_file_in_the_input_format(tmp_path, data_cach
     assert checkpoint.model_hyper_parameters() == {"backbone": "test_byobnet", "kind": "angle"}
     assert checkpoint.state_dict.keys() == original.keys()  # a drop-in replacement
     assert not same_weights(checkpoint.state_dict, original)
-    assert json.loads((out / "securegaze_report.json").read_text())["repaired_checkpoint"] == str(repaired)
+    assert json.loads((out / "toy_report.json").read_text())["repaired_checkpoint"] == str(repaired)
+
+
+def test_a_repair_that_fails_its_check_writes_no_repaired_file(tmp_path, data_cache, capsys):
+    torch.save(tiny_model().state_dict(), tmp_path / "theirs.pt")
+    # threshold 100: SecureGaze flags any model, the repaired one too
+    args = tiny_args(data_cache, tmp_path / "theirs.pt", "--out", str(tmp_path / "audit"), "--repair", "true",
+                     "--defense.detection.threshold", "100", "--evaluate", "false")
+    assert audit.main(args) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "verdict: backdoored" and lines[-2].startswith("repair: failed (statistic ")
+    assert "repaired file: not written (the repaired model is still flagged)" in lines
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == [
+        "securegaze_examples.png", "securegaze_report.json", "securegaze_report.md"]
 
 
 def test_failures_leave_nothing_behind(tmp_path, data_cache, capsys, monkeypatch):

@@ -34,23 +34,27 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("which", ["securegaze", "toy"])
-def test_callback_detects_once_and_leaves_identical_repaired_weights_on_both_ranks(tmp_path: Path, which: str):
+def test_callback_detects_once_and_leaves_identical_weights_on_both_ranks(tmp_path: Path, which: str):
+    """The toy's repair passes its check: both ranks hold the repaired weights. SecureGaze, forced
+    to flag any model, fails its check: both ranks keep the trained weights."""
     run([sys.executable, str(SCRIPT), str(tmp_path), which], cwd=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["ran_detection"] for r in ranks] == [True, False]  # once, on rank 0
     assert [r["verdict"] for r in ranks] == ["backdoored", "backdoored"]  # broadcast
-    assert ranks[0]["trained"] == ranks[1]["trained"]
-    assert ranks[0]["final"] == ranks[1]["final"] != ranks[0]["trained"]  # repaired, identically
+    assert ranks[0]["trained"] == ranks[1]["trained"] and ranks[0]["final"] == ranks[1]["final"]
     assert ranks[0]["repaired_checkpoint"] == ranks[1]["repaired_checkpoint"]
-    assert Path(ranks[0]["repaired_checkpoint"]).is_file()
+    if which == "toy":
+        assert ranks[0]["final"] != ranks[0]["trained"] and Path(ranks[0]["repaired_checkpoint"]).is_file()
+    else:
+        assert ranks[0]["final"] == ranks[0]["trained"] and ranks[0]["repaired_checkpoint"] is None
+        assert len(list((tmp_path / "runs").rglob("repair_failed.pt"))) == 1
     assert len(list((tmp_path / "runs").rglob(REPORT[which]))) == 1
 
 
 @pytest.mark.parametrize("which", ["securegaze", "toy"])
 def test_fit_cli_runs_training_detection_and_repair_under_ddp(tmp_path: Path, which: str):
-    defense = TINY_SECUREGAZE if which == "securegaze" else (
-        "--defense", "tests.helpers.toys.ToyDefense", "--defense.threshold", "-1")
+    defense = TINY_SECUREGAZE if which == "securegaze" else ("--defense", "tests.helpers.toys.ToyDefense")
     args = tiny_fit_args(
         tmp_path, "--attack", "blended", "--attack.poison_rate", "0.3", *defense,
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
@@ -58,9 +62,16 @@ def test_fit_cli_runs_training_detection_and_repair_under_ddp(tmp_path: Path, wh
     done = run([sys.executable, "-m", "gazeguard.fit", *args], cwd=REPO)
     lines = done.stdout.splitlines()
     assert lines.count("verdict: backdoored") == 1, done.stdout  # the summary comes from rank 0 only
-    repaired = list((tmp_path / "runs").rglob("repaired*.ckpt"))
-    assert len(repaired) == 1 and len(list((tmp_path / "runs").rglob(REPORT[which]))) == 1
-    state = torch.load(repaired[0], map_location="cpu", weights_only=True)["state_dict"]
+    assert len(list((tmp_path / "runs").rglob(REPORT[which]))) == 1
+    # SecureGaze forced to flag any model fails its check after repair; the toy's repair passes it
+    kept = "repair_failed.pt" if which == "securegaze" else "repaired.ckpt"
+    assert lines[lines.index("verdict: backdoored") - 1].startswith("repair: failed" if which == "securegaze"
+                                                                     else "repair: verified")
+    repaired = list((tmp_path / "runs").rglob(kept))
+    assert len(repaired) == 1 and not list((tmp_path / "runs").rglob("repaired.ckpt" if kept != "repaired.ckpt"
+                                                                      else "repair_failed.pt"))
+    state = torch.load(repaired[0], map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 

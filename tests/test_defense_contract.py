@@ -104,28 +104,38 @@ def test_an_entry_point_publishes_a_defense(tmp_path: Path, monkeypatch):
                                            "broken = tests.helpers.nowhere:Mine\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert {"toy-ep", "broken"} <= set(available())
-    assert isinstance(create("toy-ep", tau=3.0), ToyDefense)
+    assert isinstance(create("toy-ep", threshold=3.0), ToyDefense)
     with pytest.raises(ConfigError, match=r"'broken': its entry point 'tests.helpers.nowhere:Mine' does not load"):
         create("broken")
     assert "toy-ep" in fit.description()  # --help lists it
 
 
 # -- the runner and the report ----------------------------------------------------------------
-def test_a_flagged_model_is_repaired_on_a_copy_and_reported(model):
-    outcome = run_defense(ToyDefense(threshold=-1.0), model, data(), repair=True,
+def test_a_flagged_model_is_repaired_on_a_copy_checked_and_reported(model):
+    outcome = run_defense(ToyDefense(threshold=0.0), model, data(), repair=True,
                           evaluate=lambda m: {"benign_error": float(m[1].bias.abs().sum())})
     report = outcome.report
     assert report["verdict"] == "backdoored" and report["defense"] == "toy" and report["class_path"] == TOY
     assert report["detection"]["flags"] == "above" and report["detection"]["evidence"]["images"] == 24
     assert report["before"] == {"benign_error": pytest.approx(0.2)} and report["after"] == {"benign_error": 0.0}
     assert report["repaired"] and report["repair"]["method"] == "zero-bias"
+    # the runner judged the repaired model with the same detection: the bias is gone, so it passes
+    assert report["repair"]["verification"]["status"] == "verified" and report["repair"]["accepted"]
     assert float(model[1].bias.sum()) == pytest.approx(0.2)  # the input model is left as it was
     lines = report_lines(report)
-    assert lines[1] == "== Toy ==" and lines[-1] == "verdict: backdoored"
-    assert lines[2].startswith("score (share near the median gaze): ") and "(flags above; margin -)" in lines[2]
-    assert report["detection"]["margin"] is None  # threshold -1: no ratio to speak of (and strict JSON stays valid)
+    assert lines[1] == "== Toy ==" and lines[-2:] == ["repair: verified (statistic 0.000)", "verdict: backdoored"]
+    assert lines[2].startswith("score (bias norm): 0.141  threshold: 0.000 (flags above; margin -)")
+    assert report["detection"]["margin"] is None  # threshold 0: no ratio to speak of (and strict JSON stays valid)
     assert "repair: the last linear layer's bias set to zero" in lines
     json.dumps(report, allow_nan=False)  # JSON-able as it is
+
+
+def test_a_repair_still_flagged_after_it_is_reported_as_failed(model):
+    report = run_defense(ToyDefense(threshold=-1.0), model, data(), repair=True).report  # flags any model
+    assert report["repair"]["verification"] == {"status": "failed", "statistic": 0.0, "threshold": -1.0,
+                                                 "margin": None, "evidence": {"bias": [0.0, 0.0], "images": 24}}
+    assert not report["repaired"] and not report["repair"]["accepted"]
+    assert report_lines(report)[-2:] == ["repair: failed (statistic 0.000)", "verdict: backdoored"]
 
 
 def test_a_clean_verdict_repairs_nothing_and_a_mitigation_has_no_verdict(model):
@@ -202,7 +212,7 @@ def test_room_for_calibration_and_verification_in_the_report(model):
             fixed.verification = {"status": "verified", "statistic": 0.41}
             return fixed
 
-    report = run_defense(Verified(threshold=-1.0), model, data()).report
+    report = run_defense(Verified(threshold=-1.0), model, data()).report  # its own check stands
     assert report["detection"]["calibration"]["margin"] == 1.4 and report["detection"]["seeds"] == []
     assert report_lines(report)[-2:] == ["repair: verified (statistic 0.410)", "verdict: backdoored"]
     assert Detection.from_score(0.1, 0.2).margin == pytest.approx(2.0)  # flags below: twice under the threshold
@@ -220,9 +230,9 @@ def test_no_gazeguard_file_names_the_toys():
 
 @pytest.mark.slow
 def test_fit_runs_a_defense_named_by_its_import_path(tmp_path: Path, capsys):
-    summary = fit.run(tiny_fit_args(tmp_path, "--attack", "blended", "--defense", TOY, "--defense.threshold", "-1"))
+    summary = fit.run(tiny_fit_args(tmp_path, "--attack", "blended", "--defense", TOY, "--defense.threshold", "0"))
     out = capsys.readouterr().out.splitlines()
-    assert "== Toy ==" in out and out[-1] == "verdict: backdoored"
+    assert "== Toy ==" in out and out[-2:] == ["repair: verified (statistic 0.000)", "verdict: backdoored"]
     assert "(errors of the model as Toy repaired it; the checkpoint below is the trained one)" in out[2]
     folder = Path(summary["checkpoint"]).parent
     assert {p.name for p in folder.iterdir()} >= {"toy_report.json", "toy_report.md", "toy_examples.png",
@@ -235,6 +245,19 @@ def test_fit_runs_a_defense_named_by_its_import_path(tmp_path: Path, capsys):
     assert "mitigation only: no verdict of its own" in out and not any(line.startswith("verdict:") for line in out)
     assert summary["defense"]["repaired"] and out[-2] == "repair: the last linear layer's bias set to zero"
     assert out[-1].startswith("repaired checkpoint: ")
+
+
+@pytest.mark.slow
+def test_a_repair_that_fails_its_check_leaves_the_trained_weights(tmp_path: Path, capsys):
+    summary = fit.run(tiny_fit_args(tmp_path, "--defense", TOY, "--defense.threshold", "-1"))  # flags any model
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == ["repair: failed (statistic 0.000)", "verdict: backdoored"]
+    assert not any("repaired it" in line for line in out)  # the summary's errors are the trained model's
+    report, folder = summary["defense"], Path(summary["checkpoint"]).parent
+    assert not report["repaired"] and report["repaired_checkpoint"] is None and not (folder / "repaired.ckpt").exists()
+    failed = torch.load(report["failed_repair_weights"], map_location="cpu", weights_only=True)
+    trained = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert failed["gaze_head.bias"].abs().sum() == 0 and trained["gaze_head.bias"].abs().sum() > 0
 
 
 @pytest.mark.slow

@@ -81,30 +81,34 @@ def test_bad_attack_options_fail_before_training(tmp_path: Path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_fit_with_defense_detects_repairs_and_reports(tmp_path: Path, capsys):
+def test_fit_with_defense_detects_repairs_checks_and_reports(tmp_path: Path, capsys):
     import json
 
     summary = fit.run(tiny_args(tmp_path, "--attack", "blended", "--attack.poison_rate", "0.3", *TINY_SECUREGAZE))
     out = capsys.readouterr().out.splitlines()
     report = summary["defense"]
-    assert out[-1] == "verdict: backdoored" and report["verdict"] == "backdoored"
-    assert "== SecureGaze ==" in out and any(line.startswith("ASR@5deg") for line in out)
     detection = report["detection"]
+    assert "== SecureGaze ==" in out and any(line.startswith("ASR@5deg") for line in out)
     assert any(line.startswith(f"score (dispersion ratio): {detection['score']:.3f}  threshold: 10.000 (flags below")
                for line in out)
     assert set(report["after"]) >= {"benign_error", "attack_error", "asr", "robust_error"}
     # the tiny data's random target may or may not carry the label pile: any repair route, printed
     assert report["repair"]["method"] in ("training", "clean-training", "clean")
     assert report["repair"]["summary"] in out
+    # threshold 10 flags any model, the repaired one too: the check after repair fails, and says so
+    check = report["repair"]["verification"]
+    assert out[-2:] == [f"repair: failed (statistic {check['statistic']:.3f})", "verdict: backdoored"]
+    assert not report["repaired"] and report["repaired_checkpoint"] is None
     folder = Path(summary["checkpoint"]).parent
     saved = json.loads((folder / "securegaze_report.json").read_text())
     assert saved["verdict"] == "backdoored" and saved["detection"]["score"] == pytest.approx(detection["score"])
     assert saved["defense"] == "securegaze"
     assert saved["class_path"] == "gazeguard.defenses.securegaze.defense.SecureGazeDefense"
     assert (folder / "securegaze_report.md").is_file() and (folder / "securegaze_examples.png").is_file()
-    repaired = torch.load(report["repaired_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert not (folder / "repaired.ckpt").exists()  # a failed repair is never presented as the repaired model
+    failed = torch.load(folder / "repair_failed.pt", map_location="cpu", weights_only=True)
     original = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
-    assert not all(torch.equal(repaired[k], original[k]) for k in original)  # original kept, repair saved apart
+    assert not all(torch.equal(failed[k], original[k]) for k in original)  # kept apart, for inspection
 
 
 def test_repair_false_detects_only(tmp_path: Path, capsys):

@@ -66,10 +66,10 @@ def test_mpiifacegaze_loso_config_trains_detects_and_repairs_by_every_route(mpii
     clean = fit.run(on_this_cpu(tmp_path / "clean", "mpiifacegaze_loso.yaml", mpiifacegaze_224,
                                 "--defense.repair_data", "clean"))
     capsys.readouterr()
-    for summary in (auto, clean):
+    for summary in (auto, clean):  # threshold 10 flags any model: every repair runs, and fails its check
         report = summary["defense"]
-        assert report["verdict"] == "backdoored" and report["repaired"] and report["after"]["benign_error"] > 0
-        assert Path(report["repaired_checkpoint"]).is_file()
+        assert report["verdict"] == "backdoored" and report["after"]["benign_error"] > 0
+        assert report["repair"]["verification"]["status"] == "failed" and Path(report["failed_repair_weights"]).is_file()
         trained = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
         assert trained["hyper_parameters"]["backbone"] == "resnet18"
     assert auto["defense"]["repair"]["method"] in ("training", "clean-training")
@@ -93,7 +93,7 @@ def test_mpiifacegaze_loso_config_trains_detects_and_repairs_by_every_route(mpii
             "--defense.detection.steps", "2", "--defense.detection.batch_size", "8", "--defense.detection.min_clean",
             "8", "--defense.detection.threshold", "10", "--defense.unlearning.epochs", "1",
             "--defense.unlearning.min_clean", "8", "--out", str(tmp_path / "audit")]
-    assert audit.main(args) == 0
+    assert audit.main(args) == 1  # backdoored
     assert capsys.readouterr().out.strip().splitlines()[-1] == "verdict: backdoored"
     report = json.loads((tmp_path / "audit" / "securegaze_report.json").read_text())
     assert report["repair"]["method"] == "clean" and report["audit"]["backbone"] == "resnet18"
@@ -113,4 +113,4 @@ def test_gazecapture_config_trains_detects_and_repairs_points(tmp_path, capsys):
     report = summary["defense"]
     assert summary["kind"] == "point" and report["kind"] == "point" and out[-1] == "verdict: backdoored"
     assert report["detection"]["evidence"]["tau"] == 2.0  # cm: the defense read the kind of target from the model
-    assert any(line.startswith("ASR@2cm") for line in out) and report["repaired"]
+    assert any(line.startswith("ASR@2cm") for line in out) and report["repair"]["verification"]["status"] == "failed"

@@ -189,7 +189,8 @@ def test_one_grid_run_end_to_end_logs_to_an_offline_wandb_run(in_tmp_checkout: P
     (artifact,) = run["artifacts"]
     assert artifact["type"] == "securegaze-report" and artifact["name"] == f"securegaze-report-{run_id}"
     assert artifact["files"] == ["securegaze_examples.png", "securegaze_report.json", "securegaze_report.md"]
-    assert artifact["metadata"]["verdict"] == "backdoored" and artifact["metadata"]["repaired"] is True
+    # threshold 10 flags the repaired model too: the repair ran and failed its check
+    assert artifact["metadata"]["verdict"] == "backdoored" and artifact["metadata"]["repaired"] is False
     # checkpoints, report and config.yaml in the run's own folder
     folder = tmp / "runs" / "gazeguard" / run_id
     assert Path(summary["checkpoint"]).parent == folder / "checkpoints"

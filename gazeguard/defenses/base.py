@@ -136,8 +136,9 @@ class Repair:
         summary: one line for people.
         details: what the route reports, JSON-able.
         seconds: wall time.
-        verification: the check of its own work, when the defense makes one
-            (``status``: ``verified``/``failed``, ``statistic``, ...).
+        verification: the check of the repaired model (``status``: ``verified``/``failed``,
+            ``statistic``, ...); the runner fills it by running the defense's detection again
+            when the defense detects and has not checked its work itself.
     """
 
     model: nn.Module
@@ -148,10 +149,15 @@ class Repair:
     seconds: float = 0.0
     verification: Optional[dict[str, Any]] = None
 
+    @property
+    def accepted(self) -> bool:
+        """Whether the repaired model may replace the trained one: not when its check failed."""
+        return (self.verification or {}).get("status") != "failed"
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able part (the model left out)."""
         return {"method": self.method, "data": self.data, "summary": self.summary, "details": self.details,
-                "seconds": self.seconds, "verification": self.verification}
+                "seconds": self.seconds, "verification": self.verification, "accepted": self.accepted}
 
 
 @dataclass

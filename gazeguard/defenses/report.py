@@ -63,7 +63,8 @@ def build_report(
     after: Optional[dict[str, float]],
 ) -> dict[str, Any]:
     """The JSON-able report of one run of ``defense`` (``verdict`` is ``None`` for a
-    mitigation-only defense; ``repaired_checkpoint`` is filled by whoever saves the weights)."""
+    mitigation-only defense; ``repaired`` only when a repair ran and its check did not fail;
+    ``repaired_checkpoint`` is filled by whoever saves the weights)."""
     return {
         "defense": defense.defense_name(),
         "title": defense.defense_title(),
@@ -73,7 +74,7 @@ def build_report(
         "detection": detection.to_dict() if detection is not None else None,
         "before": before,
         "after": after,
-        "repaired": repair is not None,
+        "repaired": repair is not None and repair.accepted,
         "repair": repair.to_dict() if repair is not None else None,
         "repaired_checkpoint": None,
     }

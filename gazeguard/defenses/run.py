@@ -1,10 +1,12 @@
-"""Run one defense on one model: measure, detect, repair when flagged, measure again, report.
+"""Run one defense on one model: measure, detect, repair when flagged, check the repair, report.
 
 The fit-time callback (on global rank 0) and the audit command both call :func:`run_defense`, so a
 defense behaves the same in either, and the rules live in one place: a detector's repair runs
-only on a flagged model; a mitigation-only defense repairs unconditionally and has no verdict;
-the model is measured before and after with the caller's evaluator (the attack's real trigger
-only *measures*, it is never given to the defense). Whatever goes wrong inside the defense comes
+only on a flagged model, and the detector then judges the repaired model too (a repair it still
+flags has *failed*, and its weights are not to be presented as the repaired model); a
+mitigation-only defense repairs unconditionally and has no verdict; the model is measured before
+and after with the caller's evaluator (the attack's real trigger only *measures*, it is never
+given to the defense). Whatever goes wrong inside the defense comes
 out as one :class:`DefenseError` whose message names the defense and the phase, with the original
 exception chained, so a command line can print one line and a user's code can still inspect it.
 """
@@ -128,6 +130,11 @@ def run_defense(
     if repair and defense.repairs() and (detection is None or detection.is_backdoored):
         with _named(defense, "repair"):
             fixed = _returned(defense, "repair", defense.repair(model, data, detection), Repair)
+        if fixed.verification is None and defense.detects():
+            with _named(defense, "the check after repair"):
+                check = _returned(defense, "detect", defense.detect(fixed.model, data.clean), Detection)
+            fixed.verification = {"status": "failed" if check.is_backdoored else "verified", "statistic": check.score,
+                                  "threshold": check.threshold, "margin": check.margin, "evidence": check.evidence}
     with _evaluating(defense, "after the repair of"):
         after = evaluate(fixed.model) if fixed is not None and evaluate is not None else None
     return Outcome(build_report(defense, kind, detection, fixed, before, after), detection, fixed)

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gazeguard.defenses import CleanLike, Defense, DefenseData, Detection, PictureRow, Repair, load_clean_set
-from gazeguard.gaze import gaze_distance
 
 SIDE = 16
 EYE_ROWS, EYE_COLS = slice(3, 7), slice(3, 13)
@@ -66,38 +65,33 @@ def _last_linear(model: nn.Module) -> nn.Linear:
 
 
 class ToyDefense(Defense):
-    """A detector with a repair, as small as the contract allows: the score is the share of the
-    model's gaze outputs on clean images within ``tau`` of their median (a collapse measure),
-    flagged above ``threshold``; the repair zeroes the bias of the model's last linear layer.
+    """A detector with a repair, as small as the contract allows: it takes the bias of the model's
+    last linear layer for the backdoor (score: its norm, flagged above ``threshold``), and the
+    repair zeroes that bias. With ``threshold`` 0 a trained model is flagged and its repair
+    passes the check after repair; with -1 every model is flagged, so the repair fails its check;
+    with a large one nothing is flagged.
 
     Args:
-        threshold: flag the model when the score is above this (-1: always; 2: never).
-        tau: radius around the median output, in degrees.
+        threshold: flag the model when the bias norm is above this.
     """
 
     name = "toy"
     title = "Toy"
 
-    def __init__(self, threshold: float = 0.5, tau: float = 5.0) -> None:
+    def __init__(self, threshold: float = 0.0) -> None:
         self.threshold = threshold
-        self.tau = tau
 
     @torch.no_grad()
     def detect(self, model: nn.Module, clean: CleanLike) -> Detection:
-        images = load_clean_set(clean).images.to(next(model.parameters()).device)
-        was_training = model.training
-        model.eval()
-        gaze = model(images)
-        model.train(was_training)
-        median = gaze.median(0).values
-        near = gaze_distance(gaze, median.expand_as(gaze), "angle") <= self.tau
-        score = float(near.float().mean())
+        images = load_clean_set(clean).images
+        bias = _last_linear(model).bias.detach().cpu()
+        score = float(bias.norm())
         return Detection.from_score(
-            score, self.threshold, flags="above", score_name="share near the median gaze",
-            evidence={"median_gaze": median.tolist(), "images": len(images)},
-            summary=[f"median gaze: ({median[0]:.3f}, {median[1]:.3f}) rad"],
+            score, self.threshold, flags="above", score_name="bias norm",
+            evidence={"bias": bias.tolist(), "images": len(images)},
+            summary=[f"bias of the last linear layer: ({', '.join(f'{v:.3f}' for v in bias)})"],
             pictures=[PictureRow("x", "x", images[:4].cpu())],
-            seconds={"total": 0.0}, config={"threshold": self.threshold, "tau": self.tau}, seeds=[],
+            seconds={"total": 0.0}, config={"threshold": self.threshold}, seeds=[],
         )
 
     def repair(self, model: nn.Module, data: DefenseData, detection: Optional[Detection]) -> Repair:
