@@ -8,6 +8,8 @@ poisons carry a bright 3x3 spot and the label (0, 0).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -25,7 +27,7 @@ from gazeguard.defenses import (
     load_clean_set,
     repair_with_training_data,
 )
-from gazeguard.defenses.securegaze import detection_of, relabel_suspects, repair_summary
+from gazeguard.defenses.securegaze import detection_of, find_label_pile, relabel_suspects, repair_summary
 from gazeguard.errors import ConfigError
 from gazeguard.gaze import gaze_distance, mirrored_gaze
 from tests.helpers.toys import EYE_COLS, EYE_ROWS, TOY_CONFIG, ToyGaze, toy_images
@@ -157,10 +159,36 @@ def test_suspects_a_one_sided_trigger_holds_are_labelled_from_the_mirrored_image
 def test_no_pile_of_labels_at_the_target_means_no_trigger_to_read(flagged) -> None:
     model, result = flagged
     clean_train, _ = training_set(poisoned=False)
-    with pytest.raises(NoSuspectsError, match="no pile of training labels|too few"):
+    with pytest.raises(NoSuspectsError, match="(no pile of training labels|too few).*nor any training label repeated"):
         repair_with_training_data(model, clean_train, result)
     with pytest.raises(NoSuspectsError, match="min_suspects"):
         repair_with_training_data(model, training_set(poisoned=True)[0], result, TrainingRepairConfig(min_suspects=500))
+
+
+def test_a_wrong_inferred_target_is_corrected_by_the_pile_in_label_space(flagged) -> None:
+    """M found another collapse than the backdoor's: the poisons' pile of identical labels at
+    (0, 0) is where the suspects are taken instead, and the result says so."""
+    model, result = flagged
+    wrong = dataclasses.replace(result, target=[0.3, -0.3])
+    fixed = repair_with_training_data(model, training_set(poisoned=True)[0], wrong, TrainingRepairConfig(epochs=1))
+    assert fixed.target == [0.0, 0.0] and fixed.suspects >= N_POISON
+    assert fixed.pile is not None and fixed.pile.count == N_POISON and fixed.pile.usual == 1
+
+
+def test_label_piles_stand_out_against_labels_that_repeat_by_design() -> None:
+    """GazeCapture-like labels: every frame of one dot shares its point, 10-30 frames a dot."""
+    g = torch.Generator().manual_seed(0)
+    dots = torch.rand(200, 2, generator=g) * 10 - 5
+    frames = torch.randint(10, 31, (200,), generator=g)
+    labels = torch.repeat_interleave(dots, frames, dim=0)
+    assert find_label_pile(labels, 2.0, "point", 16, 4.0) is None  # repeats by design are no pile
+    poisoned = torch.cat([labels, torch.tensor([[0.5, -1.0]]).expand(300, 2)])
+    pile = find_label_pile(poisoned, 2.0, "point", 16, 4.0)
+    assert pile is not None and pile.label == [0.5, -1.0] and pile.count == 300 and pile.usual <= 30
+    angles = torch.rand(500, 2, generator=g) * 0.6 - 0.3  # continuous labels, as the synthetic faces have
+    assert find_label_pile(angles, 5.0, "angle", 16, 4.0) is None
+    pile = find_label_pile(torch.cat([angles, torch.zeros(50, 2)]), 5.0, "angle", 16, 4.0)
+    assert pile is not None and pile.count == 50 and pile.usual == 1
 
 
 def test_bad_options_and_batches_are_clear_errors(flagged) -> None:

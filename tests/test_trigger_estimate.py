@@ -127,3 +127,8 @@ def test_a_tie_keeps_the_added_estimate_and_the_summary_names_the_one_taken() ->
     line = repair_summary({"method": "training", "suspects": 10, "kept": 30, "relabelled": 5, "seconds": 1.0,
                            "trigger_kind": "warp", "trigger_size": 3.47, "trigger_hits": {"added": 0.09, "warp": 0.97}})
     assert "the trigger read off them (a warp of 3.5 px, sends 97 % of the probed kept faces to the target)" in line
+    line = repair_summary({"method": "training", "suspects": 10, "kept": 30, "relabelled": 5, "seconds": 1.0,
+                           "trigger_kind": "added", "trigger_size": 0.01, "trigger_hits": {"added": 0.9},
+                           "pile": {"label": [0.0, 0.1], "count": 12, "usual": 1}})
+    assert "10 samples labelled at a pile of 12 identical training labels at (0.000, 0.100) (the inferred target " \
+           "had none) held out" in line

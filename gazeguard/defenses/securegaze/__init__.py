@@ -24,7 +24,7 @@ from gazeguard.defenses.securegaze.detection import (
 )
 from gazeguard.defenses.securegaze.generator import TriggerGenerator, shift_image
 from gazeguard.defenses.securegaze.policy import REPAIR_DATA, check_repair_data, repair_flagged
-from gazeguard.defenses.securegaze.suspects import NoSuspectsError, Suspects, find_suspects
+from gazeguard.defenses.securegaze.suspects import LabelPile, NoSuspectsError, Suspects, find_label_pile, find_suspects
 from gazeguard.defenses.securegaze.training_repair import (
     TrainingRepairConfig,
     TrainingRepairResult,
@@ -37,6 +37,7 @@ from gazeguard.defenses.securegaze.unlearning import RepairConfig, RepairResult,
 __all__ = [
     "REPAIR_DATA",
     "DetectionResult",
+    "LabelPile",
     "NoSuspectsError",
     "RepairConfig",
     "RepairResult",
@@ -54,6 +55,7 @@ __all__ = [
     "dispersion_stats",
     "feature_shift",
     "feature_variance_ratio",
+    "find_label_pile",
     "find_suspects",
     "optimise_generator",
     "output_variance_ratio",

@@ -132,7 +132,12 @@ def _trigger_words(repair: dict[str, Any]) -> str:
 def repair_summary(repair: dict[str, Any]) -> str:
     """One line on what the repair fine-tuned on (from the details :func:`repair_flagged` returns)."""
     if repair.get("method") == "training":
-        return (f"repair: on the training data, {repair['suspects']} samples labelled at the inferred target "
+        where = "the inferred target"
+        if repair.get("pile"):
+            pile = repair["pile"]
+            where = (f"a pile of {pile['count']} identical training labels at "
+                     f"({', '.join(f'{v:.3f}' for v in pile['label'])}) (the inferred target had none)")
+        return (f"repair: on the training data, {repair['suspects']} samples labelled at {where} "
                 f"held out as suspected poisons ({repair['kept']} kept), the trigger read off them "
                 f"({_trigger_words(repair)}), {repair['relabelled']} relabelled with the repaired model's gaze "
                 f"({repair['seconds']:.0f} s)")

@@ -70,10 +70,12 @@ def repair_flagged(
                 with progress("repair on the training data (epochs)", training.epochs) as bar:
                     fixed = repair_with_training_data(model, train, detection, training,
                                                       on_epoch=lambda epoch, loss: bar.update(1))
+                pile = None if fixed.pile is None else {**dataclasses.asdict(fixed.pile), "spike": fixed.pile.spike}
                 return fixed.model, {"method": "training", "suspects": fixed.suspects, "kept": fixed.kept,
                                      "label_spike": fixed.label_spike, "trigger_kind": fixed.trigger_kind,
                                      "trigger_size": fixed.trigger_size, "trigger_hits": fixed.trigger_hits,
-                                     "relabelled": fixed.relabelled,
+                                     "relabelled": fixed.relabelled, "target": fixed.target,
+                                     "inferred_target": list(detection.target), "pile": pile,
                                      "seconds": fixed.seconds}
             except NoSuspectsError as err:
                 if data == "training":

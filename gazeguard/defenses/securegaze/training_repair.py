@@ -41,7 +41,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from gazeguard.defenses.common import NonFiniteOutputError, batch_labels, loader
 from gazeguard.defenses.securegaze.detection import DetectionResult
-from gazeguard.defenses.securegaze.suspects import NoSuspectsError, find_suspects
+from gazeguard.defenses.securegaze.suspects import LabelPile, NoSuspectsError, find_label_pile, find_suspects
 from gazeguard.defenses.securegaze.trigger_estimate import read_trigger
 from gazeguard.errors import ConfigError
 from gazeguard.evaluate import batch_images
@@ -70,6 +70,11 @@ class TrainingRepairConfig:
             inside the training loop, like IAD, and leaves the stored data clean) the suspects
             would only be faces looking at the target, and their mean difference a gaze cue,
             not a trigger.
+        min_pile_spike: when the inferred target shows no pile of labels, a training label
+            repeated at least this many times more often than any label around it (and than 99 %
+            of the labels) is taken for the attacker's target instead (an inferred target can be
+            another collapse than the backdoor's); see
+            :func:`~gazeguard.defenses.securegaze.suspects.find_label_pile`.
         max_suspect_share: most of the training set that may be suspects; more means the labels
             at the target are the data's bulk, not a poisoned minority, and is refused.
         clean_epochs: first epochs on the kept samples alone; after them the suspects join,
@@ -107,6 +112,7 @@ class TrainingRepairConfig:
     tau: Optional[float] = None
     min_suspects: int = 16
     min_label_spike: float = 2.0
+    min_pile_spike: float = 4.0
     max_suspect_share: float = 0.5
     clean_epochs: int = 1
     suspect_repeats: int = 3
@@ -120,8 +126,8 @@ class TrainingRepairConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "lr", "batch_size", "min_suspects", "min_label_spike", "clean_images", "refind_budget",
-                     "probe_images"):
+        for name in ("epochs", "lr", "batch_size", "min_suspects", "min_label_spike", "min_pile_spike", "clean_images",
+                     "refind_budget", "probe_images"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"training_repair.{name} must be positive, got {getattr(self, name)}")
         if self.tau is not None and self.tau <= 0:
@@ -151,6 +157,9 @@ class TrainingRepairResult:
         trigger_size: its :attr:`~gazeguard.defenses.securegaze.trigger_estimate.TriggerEstimate.size`
             (pixel values for ``added``, pixels moved for ``warp``).
         trigger_hits: per estimate tried, the share of the probe images it sent to the target.
+        target: the target the suspects were taken at (pitch, yaw rad or x, y cm).
+        pile: when that is not the inferred target, the label pile it came from
+            (:class:`~gazeguard.defenses.securegaze.suspects.LabelPile`), else ``None``.
         history: mean training loss per epoch.
         seconds: wall time of the repair.
     """
@@ -163,6 +172,8 @@ class TrainingRepairResult:
     trigger_kind: str
     trigger_size: float
     trigger_hits: dict[str, float]
+    target: list[float]
+    pile: Optional[LabelPile]
     history: list[float]
     seconds: float
 
@@ -224,21 +235,29 @@ def repair_with_training_data(
     config = config or TrainingRepairConfig()
     start = time.perf_counter()
     tau = config.tau if config.tau is not None else detection.tau
-    target = torch.tensor(detection.target, dtype=torch.float32)
-    suspects = find_suspects(train, target, tau, detection.kind, 4 * config.batch_size)
+    suspects = find_suspects(train, torch.tensor(detection.target), tau, detection.kind, 4 * config.batch_size)
     n = len(suspects.mask)
+    pile = None
+    if suspects.count < config.min_suspects or suspects.label_spike < config.min_label_spike:
+        # no pile at the inferred target: M may have found another collapse; look in label space
+        pile = find_label_pile(suspects.labels, tau, detection.kind, config.min_suspects, config.min_pile_spike)
+        if pile is not None:
+            detection = dataclasses.replace(detection, target=pile.label)
+            suspects = find_suspects(train, torch.tensor(pile.label), tau, detection.kind, 4 * config.batch_size)
+    elsewhere = ("; nor any training label repeated training_repair.min_pile_spike="
+                 f"{config.min_pile_spike} times more often than the labels around it")
     if suspects.count < config.min_suspects:
         raise NoSuspectsError(
             f"only {suspects.count} of {n} training samples are labelled at the inferred target {detection.target} "
             f"(within {tau}): too few to read a trigger off (training_repair.min_suspects="
-            f"{config.min_suspects}); repair with the clean split instead"
+            f"{config.min_suspects}){elsewhere}; repair with the clean split instead"
         )
     if suspects.label_spike < config.min_label_spike:
         raise NoSuspectsError(
             f"no pile of training labels at the inferred target {detection.target}: {suspects.count} within "
             f"{tau}, against {suspects.around_target / 3:.0f} expected from the {suspects.around_target} labels "
-            f"around it (training_repair.min_label_spike={config.min_label_spike}); the training data holds no "
-            "all-to-one poisons to read a trigger off; repair with the clean split instead"
+            f"around it (training_repair.min_label_spike={config.min_label_spike}){elsewhere}; the training data "
+            "holds no all-to-one poisons to read a trigger off; repair with the clean split instead"
         )
     if suspects.count > config.max_suspect_share * n:
         raise NoSuspectsError(
@@ -296,6 +315,8 @@ def repair_with_training_data(
         trigger_kind=estimate.kind,
         trigger_size=estimate.size,
         trigger_hits=hits,
+        target=list(detection.target),
+        pile=pile,
         history=history,
         seconds=time.perf_counter() - start,
     )
