@@ -22,13 +22,19 @@ def test_fit_trains_and_prints_a_readable_summary(tmp_path: Path, capsys):
     assert checkpoint["hyper_parameters"]["backbone"] == "test_byobnet"
 
 
-def test_same_seed_same_model(tmp_path: Path):
-    first = fit.run(tiny_args(tmp_path / "a", "--seed", "3"))
-    second = fit.run(tiny_args(tmp_path / "b", "--seed", "3"))
+def test_same_seed_same_model_and_same_statistic(tmp_path: Path):
+    """What ``--seed`` pins on one machine (same code, same thread count): the trained weights, bit
+    for bit, and the defense's statistic on them."""
+    detect_only = (*TINY_SECUREGAZE, "--repair", "false")
+    first = fit.run(tiny_args(tmp_path / "a", "--seed", "3", *detect_only))
+    second = fit.run(tiny_args(tmp_path / "b", "--seed", "3", *detect_only))
     third = fit.run(tiny_args(tmp_path / "c", "--seed", "4"))
-    weights = [torch.load(s["checkpoint"], map_location="cpu", weights_only=True)["state_dict"] for s in (first, second, third)]
+    weights = [torch.load(s["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+               for s in (first, second, third)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    assert first["defense"]["detection"] == {**second["defense"]["detection"], "seconds": first["defense"]["detection"]
+                                             ["seconds"]}  # every figure but the timings
 
 
 @pytest.mark.parametrize(
