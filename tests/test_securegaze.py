@@ -115,6 +115,21 @@ def test_generator_is_identity_at_init_and_stays_in_range(max_shift: float) -> N
     assert (gen(x, strength=0.0) - x).abs().max() <= 2e-4
 
 
+def test_generator_shared_pattern_paints_every_image_alike_outside_protected_pixels() -> None:
+    x = torch.rand(4, 3, 20, 20)
+    gen = TriggerGenerator(pattern_size=(20, 20))
+    assert (gen(x) - x).abs().max() <= 2e-4  # identity at the start, like the network's head
+    with torch.no_grad():
+        gen.pattern.fill_(2.0)  # +2 in logit space everywhere
+    protect = torch.zeros(4, 1, 20, 20)
+    protect[..., :5] = 1
+    out = gen(x, protect)
+    expected = torch.sigmoid(torch.logit(x.clamp(1e-4, 1 - 1e-4)) + 2.0)
+    torch.testing.assert_close(out[..., 5:], expected[..., 5:])
+    assert (out - x)[..., :5].abs().max() <= 2e-4
+    assert TriggerGenerator().pattern is None
+
+
 def test_generator_flow_moves_pixels_by_at_most_max_shift() -> None:
     """A constant flow of tanh^-1(0.5) on x, with ``max_shift`` 2, reads each pixel from one
     pixel to its right; the residual head is still zero, so nothing is painted."""

@@ -89,6 +89,8 @@ class SecureGazeConfig:
         generator_width: channels of the first U-Net level.
         generator_shift: most pixels M may also move each pixel by (a flow field, for warp
             triggers; 0: M only paints). See :class:`TriggerGenerator`.
+        shared_pattern: M also paints one image-independent pattern, which every image's
+            gradient trains (see :class:`TriggerGenerator`).
         num_examples: held-out images kept in the result for pictures.
         seed: seed of the holdout split, M's initialisation and batch order.
     """
@@ -110,6 +112,7 @@ class SecureGazeConfig:
     split_at: Optional[str] = None
     generator_width: int = 8
     generator_shift: float = 2.0
+    shared_pattern: bool = False
     num_examples: int = 8
     seed: int = 0
 
@@ -388,7 +391,8 @@ def detect(
         split = split_model(model, config.split_at)
         torch.manual_seed(config.seed)
         generator = TriggerGenerator(
-            x_fit.shape[1], config.generator_width, max_shift=config.generator_shift
+            x_fit.shape[1], config.generator_width, max_shift=config.generator_shift,
+            pattern_size=tuple(x_fit.shape[-2:]) if config.shared_pattern else None,
         ).to(device)
         trigger = ReverseEngineeredTrigger(generator, split, config)
         protect_fit = torch.cat([trigger.protect(xb) for xb in x_fit.split(eval_bs)])

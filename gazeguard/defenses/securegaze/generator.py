@@ -16,6 +16,10 @@ Why this shape:
   most ``max_shift`` pixels per axis, and M resamples the image along it before the residual:
   a warp trigger (WaNet) moves pixels, which a residual can only imitate by painting over
   them. The flow is zero where pixels are protected, so a protected pixel stays where it is.
+* **A shared pattern too (optional).** With ``pattern_size`` the residual also holds one
+  image-independent pattern (as Neural Cleanse's): every image's gradient lands on the same
+  parameters, so a fixed trigger (a patch, a blend) is found on every seed, where the image-
+  dependent network alone found it only on some.
 * **Small.** Three resolutions, no normalisation statistics shared across the batch (a
   GroupNorm per image, so ``M(x)`` of one image never depends on the others); about 26k
   parameters at the default width 8, channels-last. On one CPU thread, a step for 32 images
@@ -53,9 +57,14 @@ class TriggerGenerator(nn.Module):
         channels: image channels.
         width: channels of the full-resolution level (doubled at each lower level).
         eps: ``x`` is clamped into ``[eps, 1 - eps]`` before the logit.
+        max_shift: most pixels the flow head may move a pixel (0: no flow head).
+        pattern_size: ``(height, width)`` of the images, for a shared pattern (``None``: none).
     """
 
-    def __init__(self, channels: int = 3, width: int = 8, eps: float = 1e-4, max_shift: float = 0.0) -> None:
+    def __init__(
+        self, channels: int = 3, width: int = 8, eps: float = 1e-4, max_shift: float = 0.0,
+        pattern_size: Optional[tuple[int, int]] = None,
+    ) -> None:
         super().__init__()
         if max_shift < 0:
             raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}")
@@ -74,6 +83,8 @@ class TriggerGenerator(nn.Module):
             if head is not None:
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
+        # zero too: the image-independent part of the residual, in logit space
+        self.pattern = None if pattern_size is None else nn.Parameter(torch.zeros(1, channels, *pattern_size))
         # channels-last convolutions ran 1.6x faster on CPU (oneDNN) for these few-channel layers
         self.to(memory_format=torch.channels_last)
 
@@ -85,9 +96,13 @@ class TriggerGenerator(nn.Module):
         d2 = self.dec2(torch.cat([F.interpolate(m, size=e2.shape[-2:], mode="nearest"), e2], 1))
         return self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[-2:], mode="nearest"), e1], 1))
 
+    def _residual(self, features: Tensor) -> Tensor:
+        r = self.out(features)
+        return r if self.pattern is None else r + self.pattern
+
     def residual(self, x: Tensor) -> Tensor:
         """r(x): the change in logit space (zero at initialisation)."""
-        return self.out(self._decode(x))
+        return self._residual(self._decode(x))
 
     def forward(self, x: Tensor, protect: Optional[Tensor] = None, strength: float = 1.0) -> Tensor:
         """``M(x)``; where ``protect`` (B or 1, 1, H, W in [0, 1]) is 1 the pixel of ``x`` is kept.
@@ -97,7 +112,7 @@ class TriggerGenerator(nn.Module):
         recovered trigger).
         """
         features = self._decode(x)
-        r = self.out(features) * strength
+        r = self._residual(features) * strength
         keep = None if protect is None else 1 - protect
         if self.flow is not None:
             # at most max_shift pixels per axis (tanh-bounded); none where pixels are protected
