@@ -22,27 +22,26 @@ backdoored one, 2 for an error (which prints one line, ``error: ...``).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from gazeguard.attacks import PoisonedDataModule, create
 from gazeguard.attacks.metrics import evaluator_for
 from gazeguard.checkpoints import (
+    DEFAULT_BACKBONE,
     Checkpoint,
     KeyMap,
-    load_into,
+    build_gaze_model,
     read_checkpoint,
     repaired_path,
     save_weights,
     to_checkpoint_layout,
 )
-from gazeguard.cli_options import AttackOptions, expand_shorthands, our_errors_first
+from gazeguard.cli_options import AttackOptions, expand_shorthands, our_errors_first, resolve_device
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.defenses import Defense, DefenseData, Outcome, SecureGazeDefense, available, load_clean_set, run_defense
 from gazeguard.defenses.registry import class_path
@@ -54,7 +53,6 @@ from gazeguard.model import GazeRegressor
 
 __all__ = ["audit", "build_parser", "format_audit", "main", "run"]
 
-DEFAULT_BACKBONE: str = inspect.signature(GazeRegressor).parameters["backbone"].default
 
 
 def build_parser() -> ArgumentParser:
@@ -155,7 +153,7 @@ def audit(
     # 1. the weights (cheap checks first: nothing is rendered or computed for a bad file)
     ckpt = read_checkpoint(path)
     sha256 = _sha256(path)
-    model, key_map, origin = _build_model(ckpt, backbone)
+    model, key_map, origin = build_gaze_model(ckpt, backbone)
     folder = Path(out) if out is not None else path.parent / f"{path.stem}_audit"
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder}: exists and is not a folder")
@@ -173,7 +171,7 @@ def audit(
                 f"{path}: the checkpoint says kind {model.kind!r} but --data {data.dataset!r} has "
                 f"{datamodule.kind!r} targets; audit it on data of its kind"
             )
-        model.to(_device(device))
+        model.to(resolve_device(device))
 
         # 3. the defense, as the fit-time callback runs it; no training split: --data is the
         # auditor's data, not what the model was trained on, so a repair uses the clean split
@@ -234,23 +232,6 @@ def _write_outputs(outcome: Outcome, ckpt: Checkpoint, key_map: KeyMap, model: G
     report["report"] = str(staging.folder / ReportFiles(report["defense"]).markdown)
 
 
-def _build_model(ckpt: Checkpoint, backbone: Optional[str]) -> tuple[GazeRegressor, KeyMap, str]:
-    """The GazeRegressor the weights belong to, filled with them."""
-    recorded = ckpt.model_hyper_parameters()
-    if backbone is not None:
-        name, origin = backbone, "from --backbone"
-        if recorded.get("backbone", backbone) != backbone:
-            origin += f"; the checkpoint says {recorded['backbone']!r}"
-    elif "backbone" in recorded:
-        name, origin = recorded["backbone"], "from the checkpoint's hyper_parameters"
-    else:
-        name, origin = DEFAULT_BACKBONE, "the default: the checkpoint does not record one, set --backbone"
-    model = GazeRegressor(backbone=name, pretrained=False, kind=recorded.get("kind", "angle"))
-    key_map = load_into(model, ckpt.state_dict, ckpt.path, what=f"GazeRegressor with backbone {name!r} ({origin})")
-    model.eval()
-    return model, key_map, origin
-
-
 def _datamodule(data: GazeDataModule, attack: Optional[AttackOptions]) -> Any:
     """``data`` set up, wrapped in the attack when one is named (only to measure it)."""
     datamodule: Any = data
@@ -266,18 +247,6 @@ def _datamodule(data: GazeDataModule, attack: Optional[AttackOptions]) -> Any:
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {name!r}: not a device ({err})") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
 
 
 def _notes(ckpt: Checkpoint, data: GazeDataModule) -> list[str]:

@@ -39,8 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from gazeguard.errors import DataFormatError, GazeguardError
+from gazeguard.model import DEFAULT_BACKBONE, GazeRegressor
 
 __all__ = [
+    "build_gaze_model",
     "Checkpoint",
     "CheckpointFormat",
     "CheckpointMismatchError",
@@ -471,3 +473,22 @@ def _listing(names: list[str]) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def build_gaze_model(ckpt: Checkpoint, backbone: Optional[str]) -> tuple[GazeRegressor, KeyMap, str]:
+    """The :class:`~gazeguard.model.GazeRegressor` the weights of ``ckpt`` belong to, filled with
+    them, in eval mode; with how the keys were mapped and where the backbone name came from."""
+
+    recorded = ckpt.model_hyper_parameters()
+    if backbone is not None:
+        name, origin = backbone, "from --backbone"
+        if recorded.get("backbone", backbone) != backbone:
+            origin += f"; the checkpoint says {recorded['backbone']!r}"
+    elif "backbone" in recorded:
+        name, origin = recorded["backbone"], "from the checkpoint's hyper_parameters"
+    else:
+        name, origin = DEFAULT_BACKBONE, "the default: the checkpoint does not record one, set --backbone"
+    model = GazeRegressor(backbone=name, pretrained=False, kind=recorded.get("kind", "angle"))
+    key_map = load_into(model, ckpt.state_dict, ckpt.path, what=f"GazeRegressor with backbone {name!r} ({origin})")
+    model.eval()
+    return model, key_map, origin

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+import torch
+
 from gazeguard.defenses.registry import class_path, option_names, resolve
 from gazeguard.errors import ConfigError, GazeguardError
 
@@ -175,3 +177,16 @@ class AttackOptions:
 
     def __post_init__(self) -> None:
         self.name = _no_name(self.name)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``, ...; a one-line error for others."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {name!r}: not a device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device

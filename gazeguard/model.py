@@ -33,6 +33,10 @@ def create_backbone(name: str, pretrained: bool = False) -> nn.Module:
     return timm.create_model(name, pretrained=pretrained, num_classes=0)
 
 
+#: timm's smallest ByobNet: the CPU default, and what a checkpoint that names no backbone is read as.
+DEFAULT_BACKBONE = "test_byobnet"
+
+
 class GazeRegressor(L.LightningModule):
     """Gaze regression with a timm backbone.
 
@@ -48,7 +52,7 @@ class GazeRegressor(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "test_byobnet",
+        backbone: str = DEFAULT_BACKBONE,
         pretrained: bool = False,
         kind: TargetKind = "angle",
         optimizer: Literal["adamw", "adam", "sgd"] = "adamw",

@@ -23,7 +23,7 @@ from gazeguard.checkpoints import (
     save_weights,
     to_checkpoint_layout,
 )
-from gazeguard.defenses import SecureGazeConfig
+from gazeguard.defenses.securegaze.detection import default_threshold
 from gazeguard.errors import DataFormatError
 from gazeguard.model import GazeRegressor
 
@@ -203,8 +203,11 @@ def test_audit_of_a_lightning_checkpoint_prints_the_verdict_and_writes_the_repor
     lines = capsys.readouterr().out.strip().splitlines()
     assert (lines[-1], status) in (("verdict: backdoored", 1), ("verdict: clean", 0))  # a scanner's exit status
     assert any(line.startswith("ASR@5deg ") for line in lines)
-    threshold = f"threshold: {SecureGazeConfig().threshold:.3f}"
+    threshold = f"threshold: {default_threshold():.3f}"
     assert any(line.startswith("score (dispersion ratio): ") and threshold in line for line in lines)
+    # the shipped calibration is for 64 px and 600 steps: the report says so
+    assert any(line.startswith("threshold: calibrated at a false-positive rate of ") for line in lines)
+    assert "warning: calibrated in another setting: image_size [32, 32] (calibrated with [64, 64])" in lines
     assert any(line.startswith("reverse-engineered outputs within 5 deg of it: ") for line in lines)
     assert any("backbone test_byobnet (from the checkpoint's hyper_parameters)" in line for line in lines)
     folder = tmp_path / "theirs_audit"  # default: next to the checkpoint
@@ -215,6 +218,7 @@ def test_audit_of_a_lightning_checkpoint_prints_the_verdict_and_writes_the_repor
     assert report["audit"]["format"] == "lightning" and len(report["audit"]["sha256"]) == 64
     assert report["before"]["benign_error"] > 0 and 0 <= report["before"]["asr"] <= 1 and not report["repaired"]
     assert report["defense"] == "securegaze" and report["detection"]["config"]["steps"] == 4
+    assert report["detection"]["seeds"] == [0] and report["detection"]["calibration"]["mismatches"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.ckpt", "theirs_audit"]  # no temp folder left
 
 

@@ -206,7 +206,7 @@ def test_detect_flags_the_backdoored_toy_and_passes_the_clean_one(shift: float, 
     protect, diff = bad.examples["protect"], bad.examples["diff"]
     assert protect[..., EYE_ROWS, EYE_COLS].mean() > 0.9
     assert diff[protect.expand_as(diff) > 0].max() < 2e-4
-    assert diff[..., EYE_ROWS, EYE_COLS].mean() < 0.01 * diff.mean()
+    assert diff[..., EYE_ROWS, EYE_COLS].mean() < 0.02 * diff.mean()  # 50x less than elsewhere
     assert "BACKDOORED" in bad.summary() and "clean" in clean.summary()
 
 

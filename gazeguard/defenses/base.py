@@ -209,6 +209,16 @@ class Defense:
         """Fewest clean images this defense accepts (checked before training starts)."""
         return 1
 
+    def reseeded(self, seed: int) -> "Defense":
+        """This defense with its detection seeded by ``seed`` (one seed covers the whole detection);
+        a deterministic detector returns itself. Calibration runs detection over several seeds."""
+        return self
+
+    def setting(self, model: nn.Module, clean: CleanLike) -> dict[str, Any]:
+        """What this defense's score depends on besides the model under test, as a calibration
+        records it and compares it (see :mod:`gazeguard.defenses.calibration`)."""
+        return {}
+
     @classmethod
     def defense_name(cls) -> str:
         return cls.__dict__.get("name") or cls.__name__.lower()

@@ -99,6 +99,21 @@ def _decision(detection: dict[str, Any]) -> str:
             f"(flags {detection['flags']}; margin {margin})")
 
 
+def _calibration(detection: dict[str, Any]) -> list[str]:
+    """Where the threshold came from, and how this run's setting differs from the calibration's."""
+    calibration = detection.get("calibration")
+    if not calibration:
+        return []
+    if "source" in calibration:
+        return [f"threshold: {calibration['source']}"]
+    low, median, high = calibration["clean_range"]
+    lines = [f"threshold: calibrated at a false-positive rate of {calibration['fpr']:g} per draw on "
+             f"{calibration['models']} clean models x {calibration['draws'] // max(calibration['models'], 1)} seeds "
+             f"(clean {detection['score_name']} {low:.3f} / {median:.3f} / {high:.3f}; {calibration['file']})"]
+    lines += [f"warning: calibrated in another setting: {mismatch}" for mismatch in calibration.get("mismatches", [])]
+    return lines
+
+
 def _verification(repair: dict[str, Any]) -> Optional[str]:
     check = repair.get("verification")
     if not check:
@@ -114,7 +129,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     detection, repair = report["detection"], report["repair"]
     if detection is not None:
         lines.append(_decision(detection))
-        lines += detection["summary"]
+        lines += _calibration(detection) + detection["summary"]
     else:
         lines.append("mitigation only: no verdict of its own")
     before, after = report.get("before") or {}, report.get("after") or {}
@@ -140,7 +155,7 @@ def to_markdown(report: dict[str, Any], picture: Optional[str]) -> str:
     lines = [f"# {report['title']} report", ""]
     if detection is not None:
         lines += [f"**verdict: {report['verdict']}** ({_decision(detection)})", ""]
-        lines += [f"- {line}" for line in detection["summary"]]
+        lines += [f"- {line}" for line in _calibration(detection) + detection["summary"]]
         lines.append(f"- time: {detection['seconds'].get('total', float('nan')):.1f} s")
     else:
         lines.append("**mitigation only** (no verdict of its own)")

@@ -9,19 +9,26 @@ the runner, the report, the callback and the command lines treat SecureGaze like
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
+import torch
 from torch import nn
 
 from gazeguard.defenses.base import Defense, DefenseData, Detection, PictureRow, Repair
-from gazeguard.defenses.common import CleanLike
-from gazeguard.defenses.securegaze.detection import DetectionResult, SecureGazeConfig, detect
+from gazeguard.defenses.calibration import Calibration, CalibrationMismatchWarning
+from gazeguard.defenses.common import CleanLike, load_clean_set
+from gazeguard.defenses.securegaze.detection import DEFAULT_CALIBRATION, DetectionResult, SecureGazeConfig, detect
 from gazeguard.defenses.securegaze.policy import check_repair_data, repair_flagged
 from gazeguard.defenses.securegaze.training_repair import TrainingRepairConfig
 from gazeguard.defenses.securegaze.unlearning import RepairConfig
 from gazeguard.gaze import UNITS
 
 __all__ = ["SecureGazeDefense", "repair_summary"]
+
+#: Detection options that vary per run rather than define the setting a threshold belongs to.
+PER_RUN = ("seed", "threshold", "num_examples")
 
 
 class SecureGazeDefense(Defense):
@@ -31,6 +38,10 @@ class SecureGazeDefense(Defense):
 
     Args:
         detection: detection options (the generator M, its budget, the protected region, the threshold).
+        calibration: the calibration file the threshold comes from (``python -m gazeguard.calibrate``);
+            ``None``: the one shipped for the synthetic CPU default. A threshold given in
+            ``detection.threshold`` overrides it. The report shows the margin to the threshold,
+            where the threshold came from, and how the setting differs from the calibration's.
         unlearning: options of the clean-split repair (and of the unlearning in the clean-training route).
         training_repair: options of the repairs on the training data.
         repair_data: what a repair fine-tunes on: ``training`` (the training split, suspected
@@ -49,6 +60,7 @@ class SecureGazeDefense(Defense):
         unlearning: RepairConfig = RepairConfig(),
         training_repair: TrainingRepairConfig = TrainingRepairConfig(),
         repair_data: Literal["auto", "training", "clean"] = "auto",
+        calibration: Optional[str] = None,
     ) -> None:
         check_repair_data(repair_data)  # before training, not after it
         # copies: the defaults are shared instances, and a caller may change its own afterwards
@@ -56,14 +68,43 @@ class SecureGazeDefense(Defense):
         self.unlearning = dataclasses.replace(unlearning)
         self.training_repair = dataclasses.replace(training_repair)
         self.repair_data = repair_data
+        self.calibration = calibration
+        # read now: a missing or corrupt file stops the run before training, not after it
+        self._calibration = Calibration.load(calibration or DEFAULT_CALIBRATION, self.defense_name())
 
     def min_clean(self, repair: bool) -> int:
         return max(self.detection.min_clean, self.unlearning.min_clean if repair else 0)
 
+    def reseeded(self, seed: int) -> "SecureGazeDefense":
+        return SecureGazeDefense(dataclasses.replace(self.detection, seed=seed), self.unlearning,
+                                 self.training_repair, self.repair_data, self.calibration)
+
+    def setting(self, model: nn.Module, clean: CleanLike) -> dict[str, Any]:
+        options = {k: v for k, v in dataclasses.asdict(self.detection).items() if k not in PER_RUN}
+        hparams = getattr(model, "hparams", None)
+        backbone = hparams.get("backbone") if isinstance(hparams, Mapping) else None
+        return {"backbone": backbone, "image_size": list(load_clean_set(clean).images.shape[-2:]),
+                "threads": torch.get_num_threads(), "detection": options}
+
     def detect(self, model: nn.Module, clean: CleanLike) -> Detection:
-        with self.progress("reverse-engineering", self.detection.steps) as bar:
-            result = detect(model, clean, self.detection, on_step=lambda step, terms: bar.update(1))
-        return detection_of(result)
+        clean = load_clean_set(clean)  # once: the setting reads its image size too
+        calibrated = self.detection.threshold is None
+        config = dataclasses.replace(self.detection, threshold=self._calibration.threshold) if calibrated \
+            else self.detection
+        with self.progress("reverse-engineering", config.steps) as bar:
+            result = detect(model, clean, config, on_step=lambda step, terms: bar.update(1))
+        detection = detection_of(result)
+        detection.seeds = [config.seed]
+        if calibrated:
+            mismatches = self._calibration.mismatches(self.setting(model, clean))
+            for mismatch in mismatches:
+                warnings.warn(f"SecureGaze's threshold was calibrated in another setting: {mismatch}; calibrate "
+                              "this one with python -m gazeguard.calibrate", CalibrationMismatchWarning, stacklevel=2)
+            detection.calibration = {"file": str(self.calibration or DEFAULT_CALIBRATION),
+                                     **self._calibration.summary(), "mismatches": mismatches}
+        else:
+            detection.calibration = {"source": "given (detection.threshold)"}
+        return detection
 
     def repair(self, model: nn.Module, data: DefenseData, detection: Optional[Detection]) -> Repair:
         if detection is None or not isinstance(detection.result, DetectionResult):

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gazeguard.defenses.calibration import Calibration
 from gazeguard.defenses.common import (
     CleanLike,
     NonFiniteOutputError,
@@ -47,9 +49,11 @@ from gazeguard.errors import ConfigError
 from gazeguard.gaze import TARGET_KINDS, TargetKind, default_tau, gaze_distance
 
 __all__ = [
+    "DEFAULT_CALIBRATION",
     "DetectionResult",
     "ReverseEngineeredTrigger",
     "SecureGazeConfig",
+    "default_threshold",
     "detect",
     "dispersion_stats",
     "feature_shift",
@@ -61,6 +65,14 @@ __all__ = [
 ]
 
 StepCallback = Callable[[int, dict[str, float]], None]
+
+#: The calibration shipped for the synthetic CPU default (``python -m gazeguard.calibrate``).
+DEFAULT_CALIBRATION = Path(__file__).parent / "calibrations" / "synthetic_cpu.json"
+
+
+def default_threshold() -> float:
+    """The threshold of :data:`DEFAULT_CALIBRATION`."""
+    return Calibration.load(DEFAULT_CALIBRATION, "securegaze").threshold
 
 
 @dataclass
@@ -81,7 +93,9 @@ class SecureGazeConfig:
         protect_dilate: side of the dilation applied to the protected mask (odd, pixels; 1 = none).
         holdout_fraction: share of the clean set kept out of M's training to decide on.
         min_clean: fewest clean images accepted (too few make every variance meaningless).
-        threshold: flag the model when the dispersion ratio is below this.
+        threshold: flag the model when the dispersion ratio is below this; ``None``: the
+            threshold of the default calibration (:data:`DEFAULT_CALIBRATION`, the synthetic
+            CPU default), or of the calibration the defense is given.
         tau: radius for the reverse-engineered attack success, in the model's unit; ``None``: the
             ASR radius of its kind (5 deg for angles, 2 cm for points).
         kind: ``angle`` or ``point``; ``None`` reads ``model.kind`` and falls back to ``angle``.
@@ -106,13 +120,13 @@ class SecureGazeConfig:
     protect_dilate: int = 3
     holdout_fraction: float = 0.3
     min_clean: int = 32
-    threshold: float = 0.239
+    threshold: Optional[float] = None
     tau: Optional[float] = None
     kind: Optional[TargetKind] = None
     split_at: Optional[str] = None
     generator_width: int = 8
     generator_shift: float = 2.0
-    shared_pattern: bool = False
+    shared_pattern: bool = True
     num_examples: int = 8
     seed: int = 0
 
@@ -123,7 +137,9 @@ class SecureGazeConfig:
                 raise ConfigError(f"securegaze.{name} must be positive, got {getattr(self, name)}")
         if self.tau is not None and not self.tau > 0:
             raise ConfigError(f"securegaze.tau must be positive, got {self.tau}")
-        for name in ("lambda_f", "lambda_s", "threshold", "num_examples", "generator_shift"):
+        if self.threshold is not None and self.threshold < 0:
+            raise ConfigError(f"securegaze.threshold must be non-negative, got {self.threshold}")
+        for name in ("lambda_f", "lambda_s", "num_examples", "generator_shift"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"securegaze.{name} must be non-negative, got {getattr(self, name)}")
         for name in ("protect_fraction", "holdout_fraction"):
@@ -411,12 +427,13 @@ def detect(
     tau = config.tau if config.tau is not None else default_tau(kind)
     stats = dispersion_stats(out_m, out_hold, kind, tau)
     statistic = float(stats["dispersion_ratio"])
+    threshold = config.threshold if config.threshold is not None else default_threshold()
     k = min(config.num_examples, len(x_hold))
     end = time.perf_counter()
     return DetectionResult(
         statistic=statistic,
-        threshold=config.threshold,
-        is_backdoored=statistic < config.threshold,
+        threshold=threshold,
+        is_backdoored=statistic < threshold,
         target=list(stats["target"]),
         dispersion_ratio=statistic,
         attack_success=float(stats["attack_success"]),
