@@ -44,13 +44,15 @@ def test_the_wheel_packages_the_callbacks_under_their_import_path(tmp_path: Path
     assert {"gazeguard/callbacks/defense.py", "gazeguard/callbacks/securegaze.py",
             "gazeguard/callbacks/backdoor_metrics.py"} <= names
     assert not [n for n in names if n.startswith("callbacks/") or n.startswith("tests/")]
+    assert "gazeguard/defenses/securegaze/calibrations/synthetic_cpu.json" in names  # SecureGaze's default threshold
 
     # installed from the wheel alone (not this checkout), the callbacks import under their path
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, timeout=300)
     env = {**os.environ, "PYTHONPATH": str(target)}
-    code = "import gazeguard.callbacks as c, gazeguard; print(c.__file__); print(gazeguard.__file__); c.DefenseCallback"
+    code = ("import gazeguard.callbacks as c, gazeguard; print(c.__file__); print(gazeguard.__file__); "
+            "c.SecureGaze()")  # builds SecureGaze, which reads its shipped calibration
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
