@@ -147,6 +147,10 @@ def _pct(value: float) -> str:
     return "-" if value != value else f"{100 * value:.0f}%"
 
 
+def _auroc(value: float) -> str:
+    return "-" if value != value else f"{value:.3f}"
+
+
 def _ratio(value: float) -> str:
     return "-" if value != value else f"{value:.2f}x"
 
@@ -178,12 +182,12 @@ def write_tables(draws: list[dict[str, Any]], calibration: Calibration, source: 
         r = rates(group, threshold)
         if r:
             lines.append(f"| {name} | {r['models']} | {r['draws']} | {_pct(r['accuracy'])} | {_pct(r['tpr'])} | "
-                         f"{_pct(r['fpr'])} | {r['auroc']:.3f} | {_ratio(r['clean_margin'])} | "
+                         f"{_pct(r['fpr'])} | {_auroc(r['auroc'])} | {_ratio(r['clean_margin'])} | "
                          f"{_ratio(r['backdoor_margin'])} |")
     seconds = [float(d["seconds"]) for d in draws]
     lines += ["", f"Wall time per detection (2 CPU cores, shared with other runs): median "
               f"{statistics.median(seconds):.0f} s, range {min(seconds):.0f}-{max(seconds):.0f} s.", "",
-              "![statistic and ROC](detection.png)", "",
+              f"![statistic and ROC]({stem.with_suffix('.png').name})", "",
               "| zoo | attack | seed | ASR | status | statistic min / median / max | flagged | worst margin | "
               "inferred targets (rad) |", "|---|---|---|---|---|---|---|---|---|"]
     for m in per_model(draws, threshold):
