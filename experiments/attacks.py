@@ -2,9 +2,9 @@
 
 Each run is exactly what a user gets from ``python -m gazeguard.fit [--attack NAME] --seed S``;
 the table holds benign error, attack error, ASR@5deg and robust error per run, and the
-per-attack median over seeds with the bar of the attack issue (ASR >= 90%, benign error within
-+1 deg of the clean model of the same seed). Checkpoints are kept under ``--out`` so the
-detection benchmark can reuse the zoo.
+per-attack median and spread over seeds with the bar: ASR >= 90 % on at least 9 seeds in 10,
+benign error within +1 deg of the clean model of the same seed. Checkpoints are kept under
+``--out`` so the detection benchmark can reuse the zoo.
 
     python experiments/attacks.py --seeds 0 1 2 --out runs/zoo
     python experiments/attacks.py --seeds 3 4 --attacks      # two more clean models
@@ -65,16 +65,20 @@ def load_rows(csv_path: Path) -> list[dict[str, Any]]:
 
 
 def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-attack medians, and the bar: ASR >= 90% and benign error <= clean + 1 deg (same seed)."""
+    """Per-attack medians, the ASR's spread over seeds, and the bar: ASR >= 90 % on at least 9 seeds
+    in 10 (``planted``) and a median benign error within 1 deg of the clean model of the same seed."""
     clean = {row["seed"]: row["benign_error"] for row in rows if row["attack"] == "clean"}
     out = []
     for name in dict.fromkeys(row["attack"] for row in rows):
         group = [row for row in rows if row["attack"] == name]
         summary = {key: statistics.median(row[key] for row in group)
                    for key in ("benign_error", "attack_error", "asr", "robust_error")}
+        summary["asr_range"] = (min(row["asr"] for row in group), max(row["asr"] for row in group))
+        summary["planted"] = sum(row["asr"] >= 0.9 for row in group)
         rise = [row["benign_error"] - clean[row["seed"]] for row in group if row["seed"] in clean]
         summary["benign_rise"] = statistics.median(rise) if rise else float("nan")
-        summary["meets_bar"] = name == "clean" or (summary["asr"] >= 0.9 and summary["benign_rise"] <= 1.0)
+        summary["meets_bar"] = name == "clean" or (summary["planted"] >= 0.9 * len(group)
+                                                   and summary["benign_rise"] <= 1.0)
         out.append({"attack": name, "seeds": len(group), **summary})
     return out
 
@@ -86,16 +90,20 @@ def write_tables(rows: list[dict[str, Any]], stem: Path) -> str:
         writer.writeheader()
         writer.writerows({key: row[key] for key in FIELDS} for row in rows)
     lines = [
-        "| attack | seeds | benign error (deg) | rise vs clean | attack error (deg) | ASR@5deg | robust error (deg) | bar |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attack | seeds | benign error (deg) | rise vs clean | attack error (deg) | ASR@5deg min / median / max "
+        "| planted (ASR >= 90 %) | robust error (deg) | bar |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in medians(rows):
-        asr = "-" if m["attack"] == "clean" else f"{100 * m['asr']:.1f}%"
-        attack_error = "-" if m["attack"] == "clean" else f"{m['attack_error']:.2f}"
-        robust = "-" if m["attack"] == "clean" else f"{m['robust_error']:.2f}"
+        clean = m["attack"] == "clean"
+        low, high = m["asr_range"]
+        asr = "-" if clean else f"{100 * low:.1f} / {100 * m['asr']:.1f} / {100 * high:.1f} %"
+        planted = "-" if clean else f"{m['planted']}/{m['seeds']}"
+        attack_error = "-" if clean else f"{m['attack_error']:.2f}"
+        robust = "-" if clean else f"{m['robust_error']:.2f}"
         lines.append(
             f"| {m['attack']} | {m['seeds']} | {m['benign_error']:.2f} | {m['benign_rise']:+.2f} | {attack_error} | "
-            f"{asr} | {robust} | {'yes' if m['meets_bar'] else 'NO'} |"
+            f"{asr} | {planted} | {robust} | {'yes' if m['meets_bar'] else 'NO'} |"
         )
     lines += ["", "Per run:", "", "| attack | seed | benign | attack error | ASR | robust | s |", "|---|---|---|---|---|---|---|"]
     lines += [
