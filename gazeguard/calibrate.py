@@ -150,12 +150,12 @@ def calibrate(
             draws.append({"model": str(path), "data_seed": seed, "seed": detection_seed, "score": detection.score})
             print(f"{path} seed {detection_seed}: {detection.score_name} {detection.score:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-        settings[str(path)] = {**defense.setting(model, clean), "kind": model.kind}
+        settings[str(path)] = defense.setting(model, clean)
     reference = next(iter(settings.values()))
     differing = sorted({key for setting in settings.values() for key in setting if setting[key] != reference.get(key)})
     if differing:
         raise ConfigError(f"the reference models differ in {', '.join(differing)}: calibrate one setting at a time")
-    setting = {**reference, "dataset": data.hparams.get("dataset")}
+    setting = {**reference, "dataset": data.hparams.get("dataset")}  # recorded; a defense sees images only
     return Calibration.from_draws(defense.defense_name(), first.score_name, first.flags, fpr, draws, setting)
 
 

@@ -83,7 +83,8 @@ class SecureGazeDefense(Defense):
         options = {k: v for k, v in dataclasses.asdict(self.detection).items() if k not in PER_RUN}
         hparams = getattr(model, "hparams", None)
         backbone = hparams.get("backbone") if isinstance(hparams, Mapping) else None
-        return {"backbone": backbone, "image_size": list(load_clean_set(clean).images.shape[-2:]),
+        return {"backbone": backbone, "kind": getattr(model, "kind", None),
+                "image_size": list(load_clean_set(clean).images.shape[-2:]),
                 "threads": torch.get_num_threads(), "detection": options}
 
     def detect(self, model: nn.Module, clean: CleanLike) -> Detection:
