@@ -72,6 +72,45 @@ def training_set(poisoned: bool) -> tuple[list[dict[str, Tensor]], Tensor]:
     return [{"image": image, "gaze": label} for image, label in zip(x, gaze)], flags
 
 
+class TwoSidedToy(SoftToy):
+    """A victim that saw its poisons flipped by the augmentation: one learnable gate for the spot
+    where the stored poisons carry it, one for its mirror image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threshold_mirrored = nn.Parameter(torch.tensor(0.75))
+
+    def forward(self, x: Tensor) -> Tensor:
+        grey = x.mean(1, keepdim=True)
+        feat = torch.tanh(grey[:, 0, EYE_ROWS, EYE_COLS].flatten(1) @ self.w_eye.T)
+        here = grey[:, 0, SPOT[0], SPOT[1]].mean((1, 2))
+        there = grey.flip(-1)[:, 0, SPOT[0], SPOT[1]].mean((1, 2))
+        gate = (1 - torch.sigmoid(self.slope * (here - self.threshold))) * \
+            (1 - torch.sigmoid(self.slope * (there - self.threshold_mirrored)))
+        return self.fc(gate[:, None] * feat)
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_the_mirrored_trigger_is_unlearnt_too(mirrored: bool) -> None:
+    """Stored poisons show the spot on one side; the victim also learnt it mirrored. Unlearning the
+    estimate on that side alone leaves the mirrored trigger working; its mirrored copy closes it."""
+    model = TwoSidedToy()
+    result = detect(model, toy_images(96), SecureGazeConfig(**TOY_CONFIG))
+    train, _ = training_set(poisoned=True)
+    config = TrainingRepairConfig(epochs=6, lr=3e-2, batch_size=32, clean_epochs=3, suspect_repeats=0,
+                                  unlearn_mirrored=mirrored)
+    fixed = repair_with_training_data(model, train, result, config)
+    x = toy_images(64, seed=2)
+    with torch.no_grad():
+        truth = ToyGaze(backdoor=False)(x)
+        as_stored, mirror = stamp(x), stamp(x.flip(-1)).flip(-1)
+        before = [(model(t) - truth).abs().mean().item() for t in (as_stored, mirror)]
+        after = [(fixed.model(t) - truth).abs().mean().item() for t in (as_stored, mirror)]
+    assert min(before) > 0.05  # both sides fire before the repair
+    assert after[0] < 0.4 * before[0]
+    assert (after[1] < 0.4 * before[1]) if mirrored else (after[1] > 0.8 * before[1])
+
+
 @pytest.fixture(scope="module")
 def flagged() -> tuple[ToyGaze, object]:
     model = SoftToy()
@@ -98,7 +137,9 @@ def test_repair_unlearns_the_real_trigger_on_a_copy(flagged, repeats: int) -> No
     model, result = flagged
     train, poisons = training_set(poisoned=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = TrainingRepairConfig(epochs=6, lr=3e-2, batch_size=32, clean_epochs=3, suspect_repeats=repeats)
+    # the toy's gate looks for the spot anywhere, so a mirrored copy would only dilute the loss
+    config = TrainingRepairConfig(epochs=6, lr=3e-2, batch_size=32, clean_epochs=3, suspect_repeats=repeats,
+                                  unlearn_mirrored=False)
     fixed = repair_with_training_data(model, train, result, config)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # input untouched
     assert fixed.model is not model and N_POISON <= fixed.suspects < 1.5 * N_POISON

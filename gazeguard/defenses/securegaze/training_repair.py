@@ -9,8 +9,9 @@ trigger. Detection already says where the backdoor sends the gaze (the inferred 
    others (a patch, a blend, a sinusoid), or the smooth warp that registers one onto the other
    (WaNet), whichever sends more kept faces to the target.
 3. **Unlearning**: fine-tune (eval mode, normalisation statistics as trained; Adam, annealed to
-   zero) on the other samples, each as it is and with the estimate applied, both labelled with
-   its own gaze: the trigger must not move the gaze.
+   zero) on the other samples, each as it is, with the estimate applied and with the estimate
+   applied mirrored (the victim's flip augmentation taught it both sides), all labelled with its
+   own gaze: the trigger must not move the gaze.
 4. **Relabelled suspects**: from the second epoch on, the suspects join, labelled at the start of
    each epoch with the repairing model's own gaze for them (or, where that is still the target,
    its gaze for the mirrored image, mirrored back: a trigger stamped after the flip augmentation
@@ -96,6 +97,11 @@ class TrainingRepairConfig:
             victim only ever saw one way round (WaNet's warp, stamped after the flip
             augmentation) no longer fires mirrored. A trigger seen both ways (stamped before the
             flip) fires either way, and such suspects stay out as before.
+        unlearn_mirrored: unlearn the estimate mirrored too (stamped on the mirrored image, the
+            result mirrored back), so a third copy of every batch: a trigger stamped before the
+            victim's flip augmentation was learnt on both sides of the face, while the suspects,
+            stored unflipped, show it on one side only; left on that side alone, the mirrored
+            trigger kept firing and SecureGaze's check after repair still found the collapse.
         warp_grid: control points per side of the warp registered between the mean images
             (:func:`~gazeguard.defenses.securegaze.trigger_estimate.register_warp`; WaNet's ``k``).
         warp_max_shift: most pixels the registered warp may move a pixel; 0: only the added
@@ -117,6 +123,7 @@ class TrainingRepairConfig:
     clean_epochs: int = 1
     suspect_repeats: int = 3
     mirror: bool = True
+    unlearn_mirrored: bool = True
     clean_images: int = 2400
     refind_budget: float = 0.01
     refind_strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
@@ -293,8 +300,10 @@ def repair_with_training_data(
         for batch in loader(epoch_data, config.batch_size, shuffle=True, seed=config.seed + epoch):
             images = batch_images(batch).to(device)
             labels = batch_labels(batch, "repair_with_training_data").to(device)
-            inputs = torch.cat([images, estimate.apply(images)])
-            loss = F.l1_loss(repaired(inputs), labels.repeat(2, 1))
+            copies = [images, estimate.apply(images)]
+            if config.unlearn_mirrored:
+                copies.append(estimate.apply(images.flip(-1)).flip(-1))
+            loss = F.l1_loss(repaired(torch.cat(copies)), labels.repeat(len(copies), 1))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
