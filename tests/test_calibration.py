@@ -162,3 +162,14 @@ def test_calibrate_trains_its_reference_models_on_its_data(tmp_path: Path, capsy
     assert sorted({Path(d["model"]).parts[-5] for d in calibration.draws}) == ["clean-s5", "clean-s6", "clean-s7"]
     assert sorted({d["data_seed"] for d in calibration.draws}) == [5, 6, 7]
     assert calibration.setting["image_size"] == [32, 32]
+
+
+def test_reseeded_changes_only_the_detection_seed():
+    class Mine(SecureGazeDefense):
+        name = "securegaze"  # so that the shipped calibration is its own
+
+    defense = Mine(SecureGazeConfig(steps=7))
+    other = defense.reseeded(3)
+    assert type(other) is Mine and other is not defense
+    assert other.detection == dataclasses.replace(defense.detection, seed=3) and defense.detection.seed == 0
+    assert other._calibration is defense._calibration  # read once

@@ -8,6 +8,7 @@ the runner, the report, the callback and the command lines treat SecureGaze like
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from collections.abc import Mapping
@@ -76,8 +77,10 @@ class SecureGazeDefense(Defense):
         return max(self.detection.min_clean, self.unlearning.min_clean if repair else 0)
 
     def reseeded(self, seed: int) -> "SecureGazeDefense":
-        return SecureGazeDefense(dataclasses.replace(self.detection, seed=seed), self.unlearning,
-                                 self.training_repair, self.repair_data, self.calibration)
+        # a shallow copy: the calibration already read is shared, and a subclass stays itself
+        clone = copy.copy(self)
+        clone.detection = dataclasses.replace(self.detection, seed=seed)
+        return clone
 
     def setting(self, model: nn.Module, clean: CleanLike) -> dict[str, Any]:
         options = {k: v for k, v in dataclasses.asdict(self.detection).items() if k not in PER_RUN}
