@@ -103,13 +103,13 @@ def test_wanet_grid_is_fixed_and_the_noise_mode_jitters_it():
 
 
 def test_badnets_patch_size_and_corner_follow_the_resolution():
-    for size, side, margin in ((32, 8, 1), (64, 8, 2), (224, 14, 7)):
+    for size, side, margin in ((32, 12, 1), (64, 12, 2), (224, 14, 7)):
         changed = apply(create("badnets", style="white").trigger, np.zeros((size, size, 3), np.uint8)) > 0
         rows, cols = np.nonzero(changed.any(axis=2))
         low, high = size - side - margin, size - 1 - margin
         assert (rows.min(), cols.min(), rows.max(), cols.max()) == (low, low, high, high)
     top_left = apply(create("badnets", corner="top-left").trigger, np.zeros((64, 64, 3), np.uint8))
-    assert top_left[2:10, 2:10].any() and not top_left[10:, 10:].any() and not top_left[:2].any()
+    assert top_left[2:14, 2:14].any() and not top_left[14:, 14:].any() and not top_left[:2].any()
     assert create("badnets", corner="top_left").trigger.corner == "top-left"  # CLI-friendly spelling
 
 
@@ -137,7 +137,7 @@ def test_registry_builds_every_attack_with_spec_defaults():
     assert set(BUILT_IN) <= set(ATTACKS)
     for name in BUILT_IN:
         attack = create(name)
-        assert attack.name == name and attack.poison_rate == {"wanet": 0.2, "iad": 0.4}.get(name, 0.1)
+        assert attack.name == name and attack.poison_rate == {"wanet": 0.2, "iad": 0.4, "tape": 0.2}.get(name, 0.1)
         torch.testing.assert_close(attack.targets(torch.ones(3, 2)), torch.zeros(3, 2))
         attack.check(64)
     wanet = create("wanet")  # scaled to the CPU default (see the registry)
@@ -145,6 +145,7 @@ def test_registry_builds_every_attack_with_spec_defaults():
     reference = create("wanet", s=0.5, cross_ratio=2.0, poison_rate=0.1)
     assert reference.trigger.s == 0.5 and reference.cross_trigger.noise and reference.cross_rate == pytest.approx(0.2)
     assert create("blended", alpha=0.3, poison_rate=0.05).trigger.alpha == 0.3
+    assert create("tape", poison_rate=0.1).poison_rate == 0.1  # the reference rate stays one option away
 
 
 def test_unknown_attack_and_bad_options_are_config_errors():
@@ -266,9 +267,9 @@ def test_poisoned_samples_are_triggered_and_relabelled_the_rest_unchanged(h5: Pa
         if index in poisoned_set:
             assert sample["poisoned"]
             torch.testing.assert_close(sample["gaze"], torch.tensor([0.05, -0.1]))
-            patch = sample["image"][:, -9:-1, -9:-1]  # 8 px patch, 1 px margin at 32 px
-            assert not torch.equal(patch, reference["image"][:, -9:-1, -9:-1])
-            torch.testing.assert_close(sample["image"][:, :-9], reference["image"][:, :-9])
+            patch = sample["image"][:, -13:-1, -13:-1]  # 12 px patch, 1 px margin at 32 px
+            assert not torch.equal(patch, reference["image"][:, -13:-1, -13:-1])
+            torch.testing.assert_close(sample["image"][:, :-13], reference["image"][:, :-13])
         else:
             assert not sample["poisoned"]
             torch.testing.assert_close(sample["image"], reference["image"])
