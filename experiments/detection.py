@@ -87,7 +87,7 @@ def rates(draws: list[dict[str, Any]], threshold: float) -> dict[str, float]:
     truth = torch.tensor([status(d) == "backdoored" for d in judged])
     stats = torch.tensor([float(d["statistic"]) for d in judged])
     flagged = stats < threshold
-    out = {"models": len({(d["attack"], d["seed"]) for d in judged}), "draws": len(judged),
+    out = {"models": len({(d["zoo"], d["attack"], d["seed"]) for d in judged}), "draws": len(judged),
            "accuracy": (truth == flagged).float().mean().item()}
     out["tpr"] = flagged[truth].float().mean().item() if truth.any() else float("nan")
     out["fpr"] = flagged[~truth].float().mean().item() if (~truth).any() else float("nan")
