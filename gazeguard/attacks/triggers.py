@@ -83,12 +83,10 @@ class BadNets(Trigger):
     whatever the resolution, ``margin`` keeps it off the very edge.
 
     Why a floor: the victim's augmentation resamples the poisoned image (sub-pixel translation and
-    scaling, bilinear), which greys out checker cells of 1-2 px. The backdoor toolboxes' 1/16 of
-    the side (4 px, 1 px cells at 64 px) did not plant at all; an 8 px patch (2 px cells) kept under
-    half of its texture on most augmented poisons and planted only partly on some seeds (the
-    triggered gaze pulled towards the target, not onto it). With 3 px cells (12 px) each cell keeps
-    a pure core under any sub-pixel shift. At 224 px the 1/16 applies unchanged
-    (``docs/attacks/patch-blend-sinusoid.md``).
+    scaling, bilinear), which greys out checker cells of 1-2 px, and a greyed patch labelled at the
+    target teaches only a partial backdoor. With 3 px cells (12 px at 64 px) each cell keeps a pure
+    core under any sub-pixel shift; at 224 px the 1/16 applies unchanged. The measurements:
+    ``docs/attacks/patch-blend-sinusoid.md``.
 
     Training augmentation runs after the trigger, so the label-aware
     horizontal flip also shows the patch at the mirrored corner on half of the poisoned training

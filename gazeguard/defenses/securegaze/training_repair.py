@@ -100,8 +100,8 @@ class TrainingRepairConfig:
         unlearn_mirrored: unlearn the estimate mirrored too (stamped on the mirrored image, the
             result mirrored back), so a third copy of every batch: a trigger stamped before the
             victim's flip augmentation was learnt on both sides of the face, while the suspects,
-            stored unflipped, show it on one side only; left on that side alone, the mirrored
-            trigger kept firing and SecureGaze's check after repair still found the collapse.
+            stored unflipped, show it on one side only, and unlearnt there alone the mirrored
+            trigger keeps firing (``docs/securegaze.md``).
         warp_grid: control points per side of the warp registered between the mean images
             (:func:`~gazeguard.defenses.securegaze.trigger_estimate.register_warp`; WaNet's ``k``).
         warp_max_shift: most pixels the registered warp may move a pixel; 0: only the added
