@@ -22,6 +22,7 @@ from gazeguard.defenses import (
     TriggerGenerator,
     detect,
     dispersion_stats,
+    exploration_texture,
     feature_shift,
     feature_variance_ratio,
     output_variance_ratio,
@@ -210,6 +211,29 @@ def test_detect_flags_the_backdoored_toy_and_passes_the_clean_one(shift: float, 
     assert "BACKDOORED" in bad.summary() and "clean" in clean.summary()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exploration_start_finds_a_switch_that_gradients_at_the_clean_image_cannot(seed: int) -> None:
+    """The toy's texture switch is shut so hard at clean images that M, started there, never
+    finds it; started from a fading random texture (the default), it does, on every seed."""
+    x = toy_images(96)
+    model = ToyGaze(backdoor=True, switch="texture")
+    blind = detect(model, x, SecureGazeConfig(**{**TOY_CONFIG, "explore": 0.0, "seed": seed}))
+    explored = detect(model, x, SecureGazeConfig(**{**TOY_CONFIG, "seed": seed}))
+    clean = detect(ToyGaze(backdoor=False), x, SecureGazeConfig(**{**TOY_CONFIG, "seed": seed}))
+    assert blind.statistic > 0.9 and not blind.is_backdoored
+    assert explored.statistic < 0.1 and explored.is_backdoored
+    assert clean.statistic > 0.8 and not clean.is_backdoored
+
+
+def test_exploration_texture_is_black_and_white_in_cells_and_seeded() -> None:
+    texture = exploration_texture(torch.Size([3, 64, 48]), 1 / 16, torch.Generator().manual_seed(0))
+    assert texture.shape == (3, 64, 48) and set(texture.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(texture[:, 0:63:3], texture[:, 1:63:3]) and torch.equal(texture[..., 0::3], texture[..., 2::3])
+    assert not torch.equal(texture[0], texture[1])  # each channel drawn apart: coloured texture
+    again = exploration_texture(torch.Size([3, 64, 48]), 1 / 16, torch.Generator().manual_seed(0))
+    assert torch.equal(texture, again)
+
+
 def test_repair_unlearns_the_reverse_engineered_trigger_on_a_copy() -> None:
     x = toy_images(96)
     model = ToyGaze(backdoor=True)
@@ -241,6 +265,8 @@ def test_bad_clean_sets_and_configs_are_clear_errors() -> None:
         SecureGazeConfig(steps=0)
     with pytest.raises(ConfigError, match="securegaze.protect_smooth"):
         SecureGazeConfig(protect_smooth=4)
+    with pytest.raises(ConfigError, match=r"securegaze.explore must be in \[0, 1\]"):
+        SecureGazeConfig(explore=1.5)
     with pytest.raises(ConfigError, match="repair.labels=true"):
         repair(model, toy_images(32), detect(model, toy_images(32), SecureGazeConfig(**{**TOY_CONFIG, "steps": 1})),
                RepairConfig(labels="true", min_clean=16))

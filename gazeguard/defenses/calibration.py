@@ -12,8 +12,9 @@ warns when the setting it runs in differs.
 The threshold comes from a normal fit to the logarithms of the clean scores (they are positive
 ratios, spread multiplicatively): it is the score that fit puts at the chosen false-positive rate
 in the flagging tail. A fit, rather than the empirical quantile, because a few dozen draws cannot
-show a tail of 1 %; its assumption is stated in the file, and the empirical false-positive rate
-on the reference draws is recorded beside it. Limits: the fit knows nothing of backdoored models,
+show a tail of 1 %; its assumption is stated in the file. Where the draws contradict the fit (a
+low straggler under the fitted tail) the threshold is moved so that it flags at most the chosen
+share of them; the empirical false-positive rate on the reference draws is recorded beside it. Limits: the fit knows nothing of backdoored models,
 so a threshold can be safe for clean models and still miss weak backdoors; the report shows the
 margin to the threshold either way.
 """
@@ -63,7 +64,11 @@ def check_enough(models: int, draws: int, fpr: float) -> None:
 
 def threshold_at(scores: list[float], fpr: float, flags: Literal["below", "above"]) -> float:
     """The score at which a normal fit to ``log(scores)`` puts ``fpr`` of clean draws on the
-    flagging side."""
+    flagging side, capped so that it flags at most ``fpr`` of the draws themselves.
+
+    The cap: a threshold that flags more of its own clean reference draws than the rate it was
+    set at is contradicted by them, whatever the fit says about the tail (with 30 draws at 1 %,
+    it may flag none of them)."""
     if not 0.0 < fpr < 0.5:
         raise ConfigError(f"the false-positive rate must be in (0, 0.5), got {fpr}")
     if min(scores) <= 0:
@@ -71,7 +76,10 @@ def threshold_at(scores: list[float], fpr: float, flags: Literal["below", "above
     logs = [math.log(s) for s in scores]
     mean, sd = statistics.fmean(logs), statistics.stdev(logs)
     z = statistics.NormalDist().inv_cdf(1.0 - fpr)
-    return math.exp(mean - z * sd if flags == "below" else mean + z * sd)
+    allowed = math.floor(fpr * len(scores))  # reference draws the threshold may flag
+    if flags == "below":
+        return min(math.exp(mean - z * sd), sorted(scores)[allowed])
+    return max(math.exp(mean + z * sd), sorted(scores, reverse=True)[allowed])
 
 
 @dataclass
@@ -95,7 +103,8 @@ class Calibration:
     threshold: float
     draws: list[dict[str, Any]]
     setting: dict[str, Any]
-    method: str = "normal fit to log(score) of the clean draws, at the false-positive rate"
+    method: str = ("normal fit to log(score) of the clean draws, at the false-positive rate, flagging at most "
+                   "that share of the draws themselves")
     format: str = field(default=FORMAT)
 
     @classmethod

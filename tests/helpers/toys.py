@@ -28,10 +28,17 @@ TOY_CONFIG = dict(steps=40, lr=1e-2, batch_size=32, budget=0.03, protect_fractio
 
 class ToyGaze(nn.Module):
     """Gaze = linear read-out of the eye band; with ``backdoor``, a bright spot anywhere gates
-    the features to a constant (so the output collapses to the head's bias)."""
+    the features to a constant (so the output collapses to the head's bias).
 
-    def __init__(self, backdoor: bool) -> None:
+    With ``switch="texture"`` the gate is a hard switch instead: it opens only where a 3x3 window
+    holds near black-and-white contrast (grey standard deviation over 0.25; the toy faces reach
+    0.11-0.16), and so steeply that at clean images it stays under 3e-4 and its gradient with
+    it, as for a patch backdoor learnt from a crisp checkerboard."""
+
+    def __init__(self, backdoor: bool, switch: str = "spot") -> None:
         super().__init__()
+        self.switch = switch
+        self.contrast = 0.25
         g = torch.Generator().manual_seed(0)
         n_eye = 4 * 10
         self.register_buffer("w_eye", torch.randn(8, n_eye, generator=g) / n_eye**0.5 * 3)
@@ -45,7 +52,12 @@ class ToyGaze(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         grey = x.mean(1, keepdim=True)
         feat = torch.tanh(grey[:, 0, EYE_ROWS, EYE_COLS].flatten(1) @ self.w_eye.T)
-        if self.backdoor:
+        if self.backdoor and self.switch == "texture":
+            local_var = F.avg_pool2d(grey.square(), 3, stride=1) - F.avg_pool2d(grey, 3, stride=1).square()
+            contrast = local_var.clamp_min(0).sqrt().flatten(1).max(1).values
+            gate = torch.sigmoid(100 * (contrast - self.contrast))[:, None]
+            feat = (1 - gate) * feat
+        elif self.backdoor:
             spot = F.avg_pool2d(grey, 3, stride=1).flatten(1).max(1).values
             gate = torch.sigmoid(30 * (spot - self.threshold))[:, None]
             feat = (1 - gate) * feat

@@ -16,6 +16,18 @@ a penalty that could be outbid. Nothing is hard-coded: the mask follows the face
 and comes from the model. The feature-space signature of a trigger (:func:`feature_shift`) is
 reported but does not decide: on our model zoo it overlapped between clean and backdoored models.
 
+Why an exploration start: a backdoor is a switch that a nearly complete trigger presses, and
+from the clean image gradient descent cannot see it. At clean images the input gradient of a
+patch backdoor's output variance points at its patch no more than a clean model's does, so M,
+started there, spends its budget on the dense adversarial pixels every model has and finds only
+the collapse clean models show too. A random black-and-white texture over the unprotected
+pixels, though, collapses backdoored models at once and clean ones hardly (a patch or tape
+detector fires on high-contrast texture). So M's input starts blended with such a texture, which
+fades to nothing over the first half of the steps (:func:`exploration_texture`): while it fades,
+the switch is half pressed and the gradient points at the pixels that press it, which M's own
+pattern then learns to paint; clean models, with no switch, end where they would have. The
+statistic is taken on M alone, with no texture. Measurements: ``docs/securegaze.md``.
+
 Limits: a trigger that works only on the eyes (eyeglasses, iris colour) lies inside the
 protected region and is hidden from M. The statistic is one draw of M: it depends on M's seed
 and on the number of CPU threads (floating-point order), so the threshold (the geometric middle
@@ -56,6 +68,7 @@ __all__ = [
     "default_threshold",
     "detect",
     "dispersion_stats",
+    "exploration_texture",
     "feature_shift",
     "feature_variance_ratio",
     "median_gaze",
@@ -105,6 +118,11 @@ class SecureGazeConfig:
             triggers; 0: M only paints). See :class:`TriggerGenerator`.
         shared_pattern: M also paints one image-independent pattern, which every image's
             gradient trains (see :class:`TriggerGenerator`).
+        explore: strength of the random texture M's input starts blended with, on unprotected
+            pixels (0: none, 1: the texture replaces them); it fades linearly to 0.
+        explore_steps: share of ``steps`` over which the texture fades out.
+        explore_cell: side of the texture's black and white cells, as a share of the shorter
+            image side (2 px at 64 px).
         num_examples: held-out images kept in the result for pictures.
         seed: seed of the holdout split, M's initialisation and batch order.
     """
@@ -127,6 +145,9 @@ class SecureGazeConfig:
     generator_width: int = 8
     generator_shift: float = 2.0
     shared_pattern: bool = True
+    explore: float = 0.5
+    explore_steps: float = 0.5
+    explore_cell: float = 1 / 32
     num_examples: int = 8
     seed: int = 0
 
@@ -142,6 +163,9 @@ class SecureGazeConfig:
         for name in ("lambda_f", "lambda_s", "num_examples", "generator_shift"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"securegaze.{name} must be non-negative, got {getattr(self, name)}")
+        for name in ("explore", "explore_steps", "explore_cell"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"securegaze.{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("protect_fraction", "holdout_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"securegaze.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -320,6 +344,19 @@ def _model_kind(model: nn.Module, config: SecureGazeConfig) -> TargetKind:
     return kind if kind in TARGET_KINDS else "angle"
 
 
+def exploration_texture(shape: torch.Size, cell: float, rng: torch.Generator) -> Tensor:
+    """A random black-and-white texture of ``shape`` (C, H, W) in cells of ``cell`` of the shorter side.
+
+    The exploration start of :func:`optimise_generator`: high-contrast texture everywhere presses
+    a patch- or tape-like backdoor switch wherever the trigger sits, with no position or shape
+    enumerated. Each colour channel is drawn apart, so the texture is coloured too.
+    """
+    c, h, w = shape
+    side = max(1, round(cell * min(h, w)))
+    coarse = (torch.rand(1, c, -(-h // side), -(-w // side), generator=rng) > 0.5).float()
+    return F.interpolate(coarse, scale_factor=side, mode="nearest")[0, :, :h, :w]
+
+
 def optimise_generator(
     split: ModelSplit,
     generator: TriggerGenerator,
@@ -334,7 +371,10 @@ def optimise_generator(
 
     ``L = L_out + lambda_f L_feat + lambda_s max(0, mean|M(x) - x| - budget)``, both variance
     ratios taken against the model's benign outputs/features on all of ``x`` (a fixed
-    denominator is steadier than the batch's own). Returns the loss terms every 10 steps.
+    denominator is steadier than the batch's own). With ``config.explore`` > 0, M's input
+    starts blended with an :func:`exploration_texture` on the unprotected pixels, fading out
+    over the first ``explore_steps`` of the steps; the budget counts M's own change to its
+    input. Returns the loss terms every 10 steps.
     Used by :func:`detect` and, to re-find what is left of a backdoor, by repair.
     """
     eval_bs = 4 * config.batch_size
@@ -348,9 +388,14 @@ def optimise_generator(
     generator.train()
     history: list[dict[str, float]] = []
     batch = min(config.batch_size, len(x))
+    texture = exploration_texture(x.shape[1:], config.explore_cell, rng).to(x) if config.explore > 0 else None
+    fade = max(1, int(config.explore_steps * steps))
     for step in range(steps):
         idx = torch.randint(len(x), (batch,), generator=rng).to(x.device)
         xb = x[idx]
+        strength = config.explore * max(0.0, 1.0 - step / fade)
+        if texture is not None and strength > 0:
+            xb = xb + strength * (1 - protect[idx]) * (texture - xb)
         mx = generator(xb, protect[idx])
         feat = split.features(mx)
         out = split.head(feat)

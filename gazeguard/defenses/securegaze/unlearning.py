@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Optional, Union
 
 import torch
@@ -179,7 +179,9 @@ def repair(
             if epoch > 0 and config.refresh_steps > 0:
                 with frozen(target):
                     split = split_model(target, found.config.split_at)
-                    optimise_generator(split, generator, x, protect, found.config, config.refresh_steps, rng)
+                    # a refresh continues M as found: no exploration start
+                    refresh = replace(found.config, explore=0.0)
+                    optimise_generator(split, generator, x, protect, refresh, config.refresh_steps, rng)
                 mxs = reverse_engineered()
                 target.requires_grad_(True)
             order = torch.randperm(len(x), generator=rng).to(device)
