@@ -14,9 +14,9 @@ ratios, spread multiplicatively): it is the score that fit puts at the chosen fa
 in the flagging tail. A fit, rather than the empirical quantile, because a few dozen draws cannot
 show a tail of 1 %; its assumption is stated in the file. Where the draws contradict the fit (a
 low straggler under the fitted tail) the threshold is moved so that it flags at most the chosen
-share of them; the empirical false-positive rate on the reference draws is recorded beside it. Limits: the fit knows nothing of backdoored models,
-so a threshold can be safe for clean models and still miss weak backdoors; the report shows the
-margin to the threshold either way.
+share of them; the empirical false-positive rate on the reference draws is recorded beside it.
+Limits: the fit knows nothing of backdoored models, so a threshold can be safe for clean models
+and still miss weak backdoors; the report shows the margin to the threshold either way.
 """
 
 from __future__ import annotations
