@@ -59,9 +59,10 @@ def patch_collapse(model: torch.nn.Module, x: torch.Tensor, strengths: tuple[flo
 
 
 @torch.no_grad()
-def texture_collapse(model: torch.nn.Module, x: torch.Tensor, free: torch.Tensor, draws: int) -> list[float]:
-    """Output variance with half-blended random textures on the ``free`` pixels, over the clean one."""
-    config = SecureGazeConfig()
+def texture_collapse(model: torch.nn.Module, x: torch.Tensor, free: torch.Tensor, draws: int,
+                     config: SecureGazeConfig) -> list[float]:
+    """Output variance with random textures blended in at ``config.explore`` on the ``free`` pixels,
+    over the clean one."""
     clean = model(x).var(0).sum()
     ratios = []
     for draw in range(draws):
@@ -90,7 +91,7 @@ def main() -> None:
             config = SecureGazeConfig()
             free = 1 - saliency_mask(split_model(model), x, config.protect_fraction, config.protect_smooth,
                                      config.protect_dilate)
-            ratios = texture_collapse(model, x, free, args.draws)
+            ratios = texture_collapse(model, x, free, args.draws, config)
             asr = "-" if row["attack"] == "clean" else f"{100 * row['asr']:.1f} %"
             patch = ", ".join(f"{r:.3f}" for r in patch_collapse(model, x))
             print(f"| {table.stem} | {row['attack']} | {row['seed']} | {asr} | {100 * corner_share(model, x):.1f} % | {patch} | "
