@@ -290,6 +290,23 @@ def test_iad_trains_on_clean_data_and_is_evaluated_like_any_attack(tiny_h5: Path
     assert (stamped - expected).abs().max() <= 1.0 / 255 + 1e-6
 
 
+@pytest.mark.parametrize("anneal", (False, True))
+def test_pattern_generator_follows_the_victims_schedule_when_asked(anneal: bool):
+    """With ``anneal_with_victim`` the generator's rate is the recipe's scaled by the victim's
+    OneCycle schedule (near zero at the end); without, it stays at the recipe's rate."""
+    L.seed_everything(0, verbose=False)
+    images = smooth_images(32, 16)
+    data = [{"image": images[i], "gaze": torch.zeros(2)} for i in range(len(images))]
+    attack = create("iad", mask_steps=1, anneal_with_victim=anneal)
+    module = IADGazeRegressor(GazeRegressor(lr=1e-3), attack)
+    quiet_trainer(max_epochs=2, limit_val_batches=0).fit(module, DataLoader(data, batch_size=8))
+    rate = module.optimizers()[1].param_groups[0]["lr"]
+    if anneal:  # set from the victim's rate before its last step, which OneCycle ends near zero
+        assert 0.0 < rate < 0.2 * attack.trigger.lr
+    else:
+        assert rate == attack.trigger.lr
+
+
 def test_poisoned_data_module_keeps_the_training_data_clean_for_iad(tiny_h5: Path):
     base = GazeDataModule(dataset="mpiifacegaze", root=str(tiny_h5), test_subjects=["p03"], image_size=16)
     data = PoisonedDataModule(base, create("iad"))

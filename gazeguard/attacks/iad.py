@@ -168,6 +168,10 @@ class IADTrigger(Trigger):
         lambda_div: weight of the diversity loss of both generators.
         lambda_norm: weight of the mask norm loss in mask pretraining.
         lr: Adam learning rate of both generators.
+        anneal_with_victim: scale the pattern generator's learning rate by the victim's schedule
+            (its current over its peak rate), so that the trigger stops moving when the victim
+            stops learning. With a constant rate ``g`` keeps changing while the victim's rate
+            anneals to zero, and the victim ends on a trigger it no longer follows.
         mask_steps: training batches of mask pretraining before co-training starts.
         keep_clean: add the poisoned and cross samples to each batch as triggered copies
             instead of replacing its samples (the reference replaces them), so that the victim
@@ -181,7 +185,8 @@ class IADTrigger(Trigger):
     trained_in_loop: ClassVar[bool] = True
     #: The training options, which :class:`IADGazeRegressor` takes over as hyperparameters.
     RECIPE: ClassVar[tuple[str, ...]] = (
-        "cross_rate", "mask_density", "lambda_div", "lambda_norm", "lr", "mask_steps", "keep_clean"
+        "cross_rate", "mask_density", "lambda_div", "lambda_norm", "lr", "mask_steps", "keep_clean",
+        "anneal_with_victim",
     )
 
     def __init__(
@@ -194,6 +199,7 @@ class IADTrigger(Trigger):
         lr: float = 0.01,
         mask_steps: int = 100,
         keep_clean: bool = False,
+        anneal_with_victim: bool = False,
         pattern_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -214,6 +220,7 @@ class IADTrigger(Trigger):
         self.lr = lr
         self.mask_steps = mask_steps
         self.keep_clean = bool(keep_clean)
+        self.anneal_with_victim = bool(anneal_with_victim)
         self.pattern_seed = int(pattern_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.pattern_seed)
@@ -410,6 +417,10 @@ class IADGazeRegressor(L.LightningModule):
             gaze_loss = self.victim._step({"image": images, "gaze": labels}, self.victim.train_error, "train")
         loss = gaze_loss + self.hparams.lambda_div * diversity
         victim_optimizer, generator_optimizer = self.optimizers()
+        if self.hparams.get("anneal_with_victim", False):
+            scale = victim_optimizer.param_groups[0]["lr"] / self.victim.hparams.lr
+            for group in generator_optimizer.param_groups:
+                group["lr"] = self.hparams.lr * scale
         victim_optimizer.zero_grad()
         generator_optimizer.zero_grad()
         self.manual_backward(loss)
