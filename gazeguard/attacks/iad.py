@@ -163,21 +163,22 @@ class IADTrigger(Trigger):
         width: generator width (see :class:`InputAwareGenerator`).
         cross_rate: share of each training batch that gets another input's trigger and keeps
             its true label (the poisoned share is the attack's ``poison_rate``).
-        mask_density: the mask norm loss penalises mask values above this (0.032: about 3 % of
-            the pixels carry the trigger).
+        mask_density: the mask norm loss penalises every mask value above this (0.032); the
+            masks' mean after the default pretraining ends at 1-3 % of the image, depending on
+            the seed (``docs/attacks/iad.md``).
         lambda_div: weight of the diversity loss of both generators.
         lambda_norm: weight of the mask norm loss in mask pretraining.
         lr: Adam learning rate of both generators.
-        anneal_with_victim: scale the pattern generator's learning rate by the victim's schedule
-            (its current over its peak rate), so that the trigger stops moving when the victim
-            stops learning. With a constant rate ``g`` keeps changing while the victim's rate
-            anneals to zero, and the victim ends on a trigger it no longer follows.
         mask_steps: training batches of mask pretraining before co-training starts.
         keep_clean: add the poisoned and cross samples to each batch as triggered copies
             instead of replacing its samples (the reference replaces them), so that the victim
             sees every clean sample, as a clean model does. The attacker owns the training loop,
             so this is theirs to choose; it makes batches ``1 + poison_rate + cross_rate``
             times larger.
+        anneal_with_victim: scale the pattern generator's learning rate by the victim's schedule
+            (its current over its peak rate), so that the trigger stops moving when the victim
+            stops learning. With a constant rate ``g`` keeps changing while the victim's rate
+            anneals to zero, and the victim ends on a trigger it no longer follows.
         pattern_seed: seed of the generators' initial weights.
     """
 
