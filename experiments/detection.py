@@ -20,6 +20,10 @@ threshold, threshold over the highest backdoored draw: both > 1 when every draw 
 
     python experiments/detection.py --zoo fresh=runs/zoo2.csv --detection-seeds 0 1 2
 
+``--options`` changes detection options (JSON, e.g. ``'{"generator_shift": 4}'``) for a lab run
+into its own ``--results``: the calibration's threshold then belongs to another setting, so such
+a table compares statistics between settings, it does not score one.
+
 Runs accumulate: draws already in the results CSV are kept (``--redo`` judges them again).
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import sys
 import time
@@ -219,6 +224,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS / "detection", help="table stem (.csv/.md/.png)")
     parser.add_argument("--attacks", nargs="*", help="only these zoo entries (default: all, clean included)")
     parser.add_argument("--redo", action="store_true", help="judge draws judged by an earlier run again")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help="detection options other than seed and threshold, as JSON (lab runs only)")
     args = parser.parse_args()
     calibration = Calibration.load(args.calibration, "securegaze")
     done = {} if args.redo else read_done(args.results.with_suffix(".csv"))
@@ -235,7 +242,7 @@ def main() -> None:
                     continue
                 start = time.perf_counter()
                 result = detect(load_model(row), defender_split(row["seed"]),
-                                SecureGazeConfig(seed=detection_seed, threshold=calibration.threshold))
+                                SecureGazeConfig(**args.options, seed=detection_seed, threshold=calibration.threshold))
                 done[key] = {"zoo": label, "attack": row["attack"], "seed": row["seed"], "asr": row["asr"],
                              "detection_seed": detection_seed, "statistic": result.statistic,
                              "attack_success": result.attack_success,

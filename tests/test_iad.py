@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from gazeguard.attacks import (
     ATTACKS,
+    Attack,
     IADGazeRegressor,
     IADTrigger,
     InputAwareGenerator,
@@ -21,7 +22,7 @@ from gazeguard.attacks import (
     create,
     evaluate_attack,
 )
-from gazeguard.attacks.iad import blend, diversity_loss
+from gazeguard.attacks.iad import blend, diversity_loss, mask_norm_loss
 from gazeguard.attacks.poison import CLEAN
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.data.dataset import GazeDataset
@@ -144,6 +145,31 @@ def test_mask_pretraining_pushes_the_mask_towards_its_density():
     assert not any(p.requires_grad for p in module.generator.mask_net.parameters())
 
 
+def test_mask_norm_charges_pixels_or_only_the_area_above_the_density():
+    mask = torch.zeros(2, 1, 10, 10)
+    mask[:, :, :2, :] = 1.0  # a crisp mask over 20 % of each image
+    assert mask_norm_loss(mask, 0.2, "mean") == 0.0  # its area is what the allowance allows
+    assert mask_norm_loss(mask, 0.1, "mean") == pytest.approx(0.1)
+    assert mask_norm_loss(mask, 0.2, "pixel") == pytest.approx(0.2 * 0.8)  # every covered pixel pays
+    with pytest.raises(ConfigError, match="mask_norm"):
+        create("iad", mask_norm="area")
+
+
+def test_mask_pretraining_per_mean_grows_the_mask_to_its_density():
+    """Per pixel the mask keeps shrinking under the density; per mean the diversity term grows
+    it until its mean meets the allowance, so the trigger's area no longer depends on where
+    pretraining stops."""
+    images = smooth_images(16, 16)
+    covered = {}  # share of pixels the (near-binary) mask covers
+    for norm in ("pixel", "mean"):
+        torch.manual_seed(0)
+        module = IADGazeRegressor(GazeRegressor(), create("iad", mask_norm=norm, mask_density=0.1))
+        module.pretrain_mask([images[:8], images[8:]], steps=90)
+        with torch.no_grad():
+            covered[norm] = float((module.generator.mask(images) > 0.5).float().mean())
+    assert covered["pixel"] < 0.03 and 0.05 < covered["mean"] < 0.1 + 0.03
+
+
 def test_fit_pretrains_the_mask_before_co_training(trained: dict):
     module, images = trained["module"], trained["images"]
     with torch.no_grad():
@@ -218,7 +244,11 @@ def test_victim_keeps_its_feature_head_split_and_the_wrapper_shares_it(trained: 
 def test_the_recipe_is_recorded_as_hyperparameters():
     module = IADGazeRegressor(GazeRegressor(), create("iad", poison_rate=0.2, lambda_div=2.0))
     assert module.hparams.poison_rate == 0.2 and module.hparams.lambda_div == 2.0
-    assert module.hparams.mask_density == 0.032 and module.hparams.keep_clean  # scaled: see the registry
+    # scaled to the CPU default: see the registry
+    assert module.hparams.mask_density == 0.032 and module.hparams.keep_clean
+    assert module.hparams.mask_norm == "mean" and module.hparams.anneal_with_victim
+    reference = IADGazeRegressor(GazeRegressor(), Attack(IADTrigger(), name="iad"))
+    assert reference.hparams.mask_norm == "pixel" and not reference.hparams.anneal_with_victim
     assert module.hparams.cross_rate == 0.0 and create("iad").poison_rate == 0.4
 
 

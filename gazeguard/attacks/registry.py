@@ -75,13 +75,28 @@ def _wanet(
     return Attack(trigger, cross_trigger=cross, cross_ratio=cross_ratio, name="wanet", **attack_options)
 
 
-def _iad(cross_rate: float = 0.0, keep_clean: bool = True, poison_rate: float = 0.4, **options: Any) -> Attack:
+def _iad(
+    cross_rate: float = 0.0,
+    keep_clean: bool = True,
+    poison_rate: float = 0.4,
+    mask_norm: str = "mean",
+    anneal_with_victim: bool = True,
+    **options: Any,
+) -> Attack:
     """IAD scaled to the CPU default's 12 epochs: no cross samples, 40 % of each batch added as
-    poisoned copies (``keep_clean``), so the victim still sees every clean sample. The reference
-    recipe, which does not plant at this size (see :mod:`gazeguard.attacks.iad`):
-    ``cross_rate=0.1, keep_clean=False, poison_rate=0.1``."""
+    poisoned copies (``keep_clean``), so the victim still sees every clean sample; the mask's
+    mean, not each pixel, held at the density, so every seed's trigger covers the same area; the
+    pattern generator's rate annealed with the victim's, so the trigger stops moving when the
+    victim does. The reference recipe, which does not plant at this size (see
+    :mod:`gazeguard.attacks.iad`): ``cross_rate=0.1, keep_clean=False, poison_rate=0.1,
+    mask_norm="pixel", anneal_with_victim=False``."""
     return _from_trigger("iad", IADTrigger)(
-        cross_rate=cross_rate, keep_clean=keep_clean, poison_rate=poison_rate, **options
+        cross_rate=cross_rate,
+        keep_clean=keep_clean,
+        poison_rate=poison_rate,
+        mask_norm=mask_norm,
+        anneal_with_victim=anneal_with_victim,
+        **options,
     )
 
 
