@@ -145,6 +145,30 @@ def test_generator_flow_moves_pixels_by_at_most_max_shift() -> None:
         TriggerGenerator(max_shift=-1.0)
 
 
+def test_generator_shared_warp_moves_every_image_alike_protected_pixels_included() -> None:
+    """A constant shared warp of tanh^-1(0.5) reads each pixel from one pixel to its right, in
+    every image and also where pixels are protected (a warp trigger moves the eyes); the
+    image-dependent flow, zero here, is what protection stops."""
+    x = torch.rand(3, 3, 16, 16)
+    gen = TriggerGenerator(max_shift=2.0, warp_grid=4)
+    assert gen.warp.shape == (1, 2, 4, 4)
+    assert (gen(x) - x).abs().max() <= 2e-4  # identity at the start
+    protect = torch.zeros(3, 1, 16, 16)
+    protect[..., :8, :] = 1
+    with torch.no_grad():
+        gen.warp[:, 0].fill_(math.atanh(0.5))
+        torch.testing.assert_close(gen(x, protect)[..., :-1], x[..., 1:], atol=2e-4, rtol=0)
+        torch.testing.assert_close(gen.shared_shift((16, 16)).abs().amax((0, 2, 3)), torch.tensor([1.0, 0.0]))
+        # the pixel budget is measured from the warped image: a pure warp spends none of it
+        torch.testing.assert_close(gen.warped(x), gen(x), atol=2e-4, rtol=0)
+        assert (gen.warped(x) - x).abs().mean() > 0.05
+    assert TriggerGenerator().warped(x) is x
+    with pytest.raises(ValueError, match="warp_grid"):
+        TriggerGenerator(warp_grid=4)  # no max_shift to bound it
+    with pytest.raises(ConfigError, match="shared_warp"):
+        SecureGazeConfig(shared_warp=4, generator_shift=0.0)
+
+
 # -- loss pieces and statistics ---------------------------------------------------------------
 def test_variance_ratios_on_hand_made_tensors() -> None:
     ref = torch.randn(64, 2)

@@ -118,6 +118,9 @@ class SecureGazeConfig:
             triggers; 0: M only paints). See :class:`TriggerGenerator`.
         shared_pattern: M also paints one image-independent pattern, which every image's
             gradient trains (see :class:`TriggerGenerator`).
+        shared_warp: side of the control grid of one image-independent warp M also applies,
+            protected pixels included, bounded by ``generator_shift`` (0: none; see
+            :class:`TriggerGenerator`).
         explore: strength of the random texture M's input starts blended with, on unprotected
             pixels (0: none, 1: the texture replaces them); it fades linearly to 0.
         explore_steps: share of ``steps`` over which the texture fades out.
@@ -145,6 +148,7 @@ class SecureGazeConfig:
     generator_width: int = 8
     generator_shift: float = 2.0
     shared_pattern: bool = True
+    shared_warp: int = 0
     explore: float = 0.5
     explore_steps: float = 0.5
     explore_cell: float = 1 / 32
@@ -160,9 +164,11 @@ class SecureGazeConfig:
             raise ConfigError(f"securegaze.tau must be positive, got {self.tau}")
         if self.threshold is not None and self.threshold < 0:
             raise ConfigError(f"securegaze.threshold must be non-negative, got {self.threshold}")
-        for name in ("lambda_f", "lambda_s", "num_examples", "generator_shift"):
+        for name in ("lambda_f", "lambda_s", "num_examples", "generator_shift", "shared_warp"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"securegaze.{name} must be non-negative, got {getattr(self, name)}")
+        if self.shared_warp and not self.generator_shift:
+            raise ConfigError("securegaze.shared_warp needs generator_shift > 0 (the warp's bound)")
         for name in ("explore", "explore_steps", "explore_cell"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"securegaze.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -374,7 +380,7 @@ def optimise_generator(
     denominator is steadier than the batch's own). With ``config.explore`` > 0, M's input
     starts blended with an :func:`exploration_texture` on the unprotected pixels, fading out
     over the first ``explore_steps`` of the steps; the budget counts M's own change to its
-    input. Returns the loss terms every 10 steps.
+    input, less its shared warp (bounded by its shift instead). Returns the loss terms every 10 steps.
     Used by :func:`detect` and, to re-find what is left of a backdoor, by repair.
     """
     eval_bs = 4 * config.batch_size
@@ -401,7 +407,7 @@ def optimise_generator(
         out = split.head(feat)
         l_out = output_variance_ratio(out, out_ref_var)
         l_feat = feature_variance_ratio(feat, feat_ref_var)
-        dist = (mx - xb).abs().mean()
+        dist = (mx - generator.warped(xb)).abs().mean()
         loss = l_out + config.lambda_f * l_feat + config.lambda_s * F.relu(dist - config.budget)
         if not torch.isfinite(loss):
             raise NonFiniteOutputError(
@@ -454,6 +460,7 @@ def detect(
         generator = TriggerGenerator(
             x_fit.shape[1], config.generator_width, max_shift=config.generator_shift,
             pattern_size=tuple(x_fit.shape[-2:]) if config.shared_pattern else None,
+            warp_grid=config.shared_warp,
         ).to(device)
         trigger = ReverseEngineeredTrigger(generator, split, config)
         protect_fit = torch.cat([trigger.protect(xb) for xb in x_fit.split(eval_bs)])

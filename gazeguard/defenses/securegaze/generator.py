@@ -16,6 +16,16 @@ Why this shape:
   most ``max_shift`` pixels per axis, and M resamples the image along it before the residual:
   a warp trigger (WaNet) moves pixels, which a residual can only imitate by painting over
   them. The flow is zero where pixels are protected, so a protected pixel stays where it is.
+* **A shared warp too (optional).** With ``warp_grid`` = k, M also holds one image-independent
+  flow field: a k x k grid of control shifts, upsampled bicubically to the image (as WaNet builds
+  its warp) and bounded by ``max_shift``. Unlike the image-dependent flow it also moves
+  protected pixels: a warp trigger moves the eyes themselves (on the default zoo's WaNet models
+  the real warp with the protected pixels left in place collapsed the outputs 4-9x less than
+  the whole warp: ``docs/securegaze.md``). Protection exists so that M cannot give each face the gaze of one target
+  by editing its eyes; one smooth field, the same for every face, cannot do that (it keeps each
+  eye's geometry, and a k-point grid bounds how much it can squeeze), so the warp is let through.
+  Its budget is geometric (``max_shift``), not the pixel budget: a warp of a few pixels changes
+  many pixel values (every edge moves) while it stays hard to see, which is WaNet's premise.
 * **A shared pattern too (optional).** With ``pattern_size`` the residual also holds one
   image-independent pattern (as Neural Cleanse's): every image's gradient lands on the same
   parameters, so a fixed trigger (a patch, a blend) is found on every seed, where the image-
@@ -59,15 +69,19 @@ class TriggerGenerator(nn.Module):
         eps: ``x`` is clamped into ``[eps, 1 - eps]`` before the logit.
         max_shift: most pixels the flow head may move a pixel (0: no flow head).
         pattern_size: ``(height, width)`` of the images, for a shared pattern (``None``: none).
+        warp_grid: side of the shared warp's control grid (0: no shared warp; needs
+            ``max_shift`` > 0, its bound).
     """
 
     def __init__(
         self, channels: int = 3, width: int = 8, eps: float = 1e-4, max_shift: float = 0.0,
-        pattern_size: Optional[tuple[int, int]] = None,
+        pattern_size: Optional[tuple[int, int]] = None, warp_grid: int = 0,
     ) -> None:
         super().__init__()
         if max_shift < 0:
             raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}")
+        if warp_grid < 0 or (warp_grid and not max_shift):
+            raise ValueError(f"warp_grid must be >= 0 and needs max_shift > 0, got {warp_grid} with {max_shift}")
         self.eps = eps
         self.max_shift = float(max_shift)
         w1, w2, w3 = width, 2 * width, 4 * width
@@ -85,6 +99,8 @@ class TriggerGenerator(nn.Module):
                 nn.init.zeros_(head.bias)
         # zero too: the image-independent part of the residual, in logit space
         self.pattern = None if pattern_size is None else nn.Parameter(torch.zeros(1, channels, *pattern_size))
+        # zero too: the shared warp's control shifts, before the tanh bound
+        self.warp = nn.Parameter(torch.zeros(1, 2, warp_grid, warp_grid)) if warp_grid else None
         # channels-last convolutions ran 1.6x faster on CPU (oneDNN) for these few-channel layers
         self.to(memory_format=torch.channels_last)
 
@@ -104,6 +120,17 @@ class TriggerGenerator(nn.Module):
         """r(x): the change in logit space (zero at initialisation)."""
         return self._residual(self._decode(x))
 
+    def shared_shift(self, size: tuple[int, int], strength: float = 1.0) -> Tensor:
+        """The shared warp as a (1, 2, H, W) shift in pixels, at most ``max_shift`` per axis."""
+        field = F.interpolate(self.warp, size=tuple(size), mode="bicubic", align_corners=True)
+        return torch.tanh(field * strength) * self.max_shift
+
+    def warped(self, x: Tensor, strength: float = 1.0) -> Tensor:
+        """``x`` moved by the shared warp alone (``x`` itself without one): what the pixel budget
+        measures M's change from, since a smooth warp is bounded by its shift, not by the pixel
+        change it causes (see the module docstring)."""
+        return x if self.warp is None else shift_image(x, self.shared_shift(x.shape[-2:], strength))
+
     def forward(self, x: Tensor, protect: Optional[Tensor] = None, strength: float = 1.0) -> Tensor:
         """``M(x)``; where ``protect`` (B or 1, 1, H, W in [0, 1]) is 1 the pixel of ``x`` is kept.
 
@@ -116,22 +143,24 @@ class TriggerGenerator(nn.Module):
         keep = None if protect is None else 1 - protect
         if self.flow is not None:
             # at most max_shift pixels per axis (tanh-bounded); none where pixels are protected
-            x = shift_image(x, torch.tanh(self.flow(features) * strength) * self.max_shift, keep)
+            shift = torch.tanh(self.flow(features) * strength) * self.max_shift
+            if keep is not None:
+                shift = shift * keep
+            if self.warp is not None:
+                shift = shift + self.shared_shift(x.shape[-2:], strength)
+            x = shift_image(x, shift)
         if keep is not None:
             r = r * keep
         return torch.sigmoid(torch.logit(x.clamp(self.eps, 1 - self.eps)) + r)
 
 
-def shift_image(x: Tensor, shift: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+def shift_image(x: Tensor, shift: Tensor) -> Tensor:
     """``x`` (B, C, H, W) resampled bilinearly at each pixel's position plus ``shift`` pixels
-    (B or 1, 2, H, W: x then y), times ``keep`` (B or 1, 1, H, W) where given; the border is
-    extended outwards."""
+    (B or 1, 2, H, W: x then y); the border is extended outwards."""
     h, w = x.shape[-2:]
     # grid_sample's coordinates span [-1, 1] over the image: one pixel is 2 / (side - 1)
     scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=x.dtype, device=x.device)
     shift = shift * scale.view(1, 2, 1, 1)
-    if keep is not None:
-        shift = shift * keep
     identity = torch.eye(2, 3, dtype=x.dtype, device=x.device).expand(len(x), 2, 3)
     grid = F.affine_grid(identity, list(x.shape), align_corners=True) + shift.permute(0, 2, 3, 1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
