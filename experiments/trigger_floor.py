@@ -35,8 +35,7 @@ from detection import defender_split, load_model  # noqa: E402  (experiments/det
 
 from gazeguard.attacks import create  # noqa: E402
 from gazeguard.defenses import SecureGazeConfig, saliency_mask, split_model  # noqa: E402
-from gazeguard.defenses.securegaze.detection import median_gaze  # noqa: E402
-from gazeguard.gaze import gaze_distance  # noqa: E402
+from gazeguard.defenses.securegaze.detection import median_spread  # noqa: E402
 
 
 def stamp(attack: str, images: torch.Tensor) -> torch.Tensor:
@@ -47,11 +46,6 @@ def stamp(attack: str, images: torch.Tensor) -> torch.Tensor:
         hwc = (image.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
         out.append(torch.from_numpy(trigger(image=hwc)["image"]).permute(2, 0, 1).float() / 255.0)
     return torch.stack(out)
-
-
-def spreads(out: torch.Tensor) -> torch.Tensor:
-    """Distance of each output from the outputs' median (the statistic's spread), in degrees."""
-    return gaze_distance(out, median_gaze(out).expand_as(out), "angle")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                                 config.protect_dilate)
         outside = protect * images + (1 - protect) * stamped
         with torch.no_grad():
-            clean, triggered = spreads(model(images)), spreads(model(stamped))
-            kept = spreads(model(outside))
+            clean, triggered = median_spread(model(images), "angle"), median_spread(model(stamped), "angle")
+            kept = median_spread(model(outside), "angle")
         mean_ratio = float(triggered.mean() / clean.mean())
         median_ratio = float(triggered.median() / clean.median())
         change = float((stamped - images).abs().mean())

@@ -229,6 +229,11 @@ def median_gaze(out: Tensor) -> Tensor:
     return out.contiguous().median(0).values  # torch's median returned NaN on expanded (stride-0) input
 
 
+def median_spread(out: Tensor, kind: TargetKind) -> Tensor:
+    """Each gaze's distance from the batch's :func:`median_gaze`: what the dispersion ratio averages."""
+    return gaze_distance(out, median_gaze(out).expand_as(out), kind)
+
+
 def dispersion_stats(out_m: Tensor, out: Tensor, kind: TargetKind, tau: float) -> dict[str, Union[float, list[float]]]:
     """Decision quantities on held-out images.
 
@@ -236,8 +241,8 @@ def dispersion_stats(out_m: Tensor, out: Tensor, kind: TargetKind, tau: float) -
     ``attack_success`` = share of G(M(x)) within ``tau`` of that median, the inferred target.
     """
     target = median_gaze(out_m)
-    spread_m = gaze_distance(out_m, target.expand_as(out_m), kind)
-    spread = gaze_distance(out, median_gaze(out).expand_as(out), kind)
+    spread_m = median_spread(out_m, kind)
+    spread = median_spread(out, kind)
     return {
         "dispersion_ratio": float(spread_m.mean() / spread.mean().clamp_min(1e-12)),
         "attack_success": float((spread_m <= tau).float().mean()),

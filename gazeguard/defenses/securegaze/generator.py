@@ -19,11 +19,10 @@ Why this shape:
 * **A shared warp too (optional).** With ``warp_grid`` = k, M also holds one image-independent
   flow field: a k x k grid of control shifts, upsampled bicubically to the image (as WaNet builds
   its warp) and bounded by ``max_shift``. Unlike the image-dependent flow it also moves
-  protected pixels: a warp trigger moves the eyes themselves (on the default zoo's WaNet models
-  the real warp with the protected pixels left in place collapsed the outputs 4-9x less than
-  the whole warp: ``docs/securegaze.md``). Protection exists so that M cannot give each face the gaze of one target
-  by editing its eyes; one smooth field, the same for every face, cannot do that (it keeps each
-  eye's geometry, and a k-point grid bounds how much it can squeeze), so the warp is let through.
+  protected pixels: a warp trigger moves the eyes themselves (evidence: ``docs/securegaze.md``).
+  Protection exists so that M cannot give each face the gaze of one target by editing its eyes;
+  one smooth field, the same for every face, cannot do that (it keeps each eye's geometry, and a
+  k-point grid bounds how much it can squeeze), so the warp is let through.
   Its budget is geometric (``max_shift``), not the pixel budget: a warp of a few pixels changes
   many pixel values (every edge moves) while it stays hard to see, which is WaNet's premise.
 * **A shared pattern too (optional).** With ``pattern_size`` the residual also holds one
