@@ -24,7 +24,8 @@ threshold, threshold over the highest backdoored draw: both > 1 when every draw 
 into its own ``--results``: the calibration's threshold then belongs to another setting, so such
 a table compares statistics between settings, it does not score one.
 
-Runs accumulate: draws already in the results CSV are kept (``--redo`` judges them again).
+Runs accumulate: draws already in the results CSV are kept (``--redo`` judges them again). A
+checkpoint listed by several zoo tables is judged once, in the first zoo that lists it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from gazeguard.fit import DATA_DEFAULTS  # noqa: E402
 from gazeguard.model import GazeRegressor  # noqa: E402
 
 PLANTED, REPORTED = 0.9, 0.5  # ASR@5deg: a working backdoor; reported but not scored between the two
-FIELDS = ("zoo", "attack", "seed", "asr", "detection_seed", "statistic", "attack_success", "target", "seconds")
+FIELDS = ("zoo", "attack", "seed", "asr", "detection_seed", "statistic", "median_ratio", "attack_success", "target", "seconds")
 
 
 def load_model(row: dict[str, Any]) -> torch.nn.Module:
@@ -165,7 +166,7 @@ def write_tables(draws: list[dict[str, Any]], calibration: Calibration, source: 
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
-        writer.writerows({key: d[key] for key in FIELDS} for d in draws)
+        writer.writerows({key: d.get(key, "") for key in FIELDS} for d in draws)
     threshold = calibration.threshold
     picture(draws, threshold, stem.with_suffix(".png"))
     summary = calibration.summary()
@@ -215,6 +216,16 @@ def read_done(csv_path: Path) -> dict[tuple[str, str, int, int], dict[str, Any]]
     return {(r["zoo"], r["attack"], r["seed"], r["detection_seed"]): r for r in rows}
 
 
+def first_zoo_only(zoos: list[tuple[str, list[dict[str, Any]]]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Each checkpoint in the first zoo that lists it: a model in two tables is one model, scored once."""
+    seen: set[str] = set()
+    out = []
+    for label, rows in zoos:
+        out.append((label, [row for row in rows if row["checkpoint"] not in seen]))
+        seen.update(row["checkpoint"] for row in rows)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", nargs="+", default=[f"fresh={RESULTS / 'attacks.csv'}"],
@@ -232,11 +243,12 @@ def main() -> None:
     source = args.calibration.resolve().relative_to(Path.cwd().resolve()) \
         if args.calibration.resolve().is_relative_to(Path.cwd().resolve()) else args.calibration
     command = " ".join(sys.argv[1:])
-    zoos = [entry.split("=", 1) for entry in args.zoo]
+    zoos = [(label, rows) for label, rows in first_zoo_only(
+        [(label, load_rows(Path(table))) for label, table in (entry.split("=", 1) for entry in args.zoo)])]
     # breadth first: every model's first seed before any model's second, so a cut-short run is still a zoo
     for detection_seed in args.detection_seeds:
-        for label, table in zoos:
-            for row in load_rows(Path(table)):
+        for label, rows in zoos:
+            for row in rows:
                 key = (label, row["attack"], row["seed"], detection_seed)
                 if key in done or (args.attacks and row["attack"] not in args.attacks):
                     continue
@@ -245,6 +257,7 @@ def main() -> None:
                                 SecureGazeConfig(**args.options, seed=detection_seed, threshold=calibration.threshold))
                 done[key] = {"zoo": label, "attack": row["attack"], "seed": row["seed"], "asr": row["asr"],
                              "detection_seed": detection_seed, "statistic": result.statistic,
+                             "median_ratio": result.median_ratio,
                              "attack_success": result.attack_success,
                              "target": " ".join(f"{v:.3f}" for v in result.target),
                              "seconds": time.perf_counter() - start}

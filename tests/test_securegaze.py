@@ -189,7 +189,17 @@ def test_dispersion_stats_collapsed_vs_unchanged() -> None:
     assert collapsed["target"] == pytest.approx(target.tolist())
     same = dispersion_stats(out, out, "angle", tau=5.0)
     assert same["dispersion_ratio"] == pytest.approx(1.0)
+    assert same["median_ratio"] == pytest.approx(1.0)
     assert same["attack_success"] < 0.5
+
+
+def test_median_ratio_ignores_a_minority_left_uncollapsed() -> None:
+    """Two thirds collapsed, a third untouched: the mean ratio still sees the third, the median does not."""
+    out = torch.stack([torch.linspace(-0.3, 0.3, 60), torch.linspace(0.4, -0.4, 60)], 1)
+    partly = torch.cat([torch.tensor([[0.1, -0.05]]).expand(40, 2), out[::3]])
+    stats = dispersion_stats(partly, out, "angle", tau=5.0)
+    assert stats["median_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["dispersion_ratio"] > 0.2
 
 
 def test_feature_shift_detects_off_distribution_features() -> None:

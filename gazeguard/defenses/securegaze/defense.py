@@ -138,6 +138,7 @@ def detection_of(result: DetectionResult) -> Detection:
         evidence={
             "inferred_target": result.target,
             "attack_success": result.attack_success,
+            "median_ratio": result.median_ratio,
             "tau": result.tau,
             "kind": result.kind,
             "feature_shift": result.feature_shift,

@@ -238,6 +238,8 @@ def dispersion_stats(out_m: Tensor, out: Tensor, kind: TargetKind, tau: float) -
     """Decision quantities on held-out images.
 
     ``dispersion_ratio`` = mean distance of G(M(x)) from their median / the same for G(x);
+    ``median_ratio`` = the same with the median distance, which the images M leaves uncollapsed
+    (a trigger the model only half learned) do not move until they are half of them;
     ``attack_success`` = share of G(M(x)) within ``tau`` of that median, the inferred target.
     """
     target = median_gaze(out_m)
@@ -245,6 +247,7 @@ def dispersion_stats(out_m: Tensor, out: Tensor, kind: TargetKind, tau: float) -
     spread = median_spread(out, kind)
     return {
         "dispersion_ratio": float(spread_m.mean() / spread.mean().clamp_min(1e-12)),
+        "median_ratio": float(spread_m.median() / spread.median().clamp_min(1e-12)),
         "attack_success": float((spread_m <= tau).float().mean()),
         "target": target.tolist(),
     }
@@ -305,6 +308,7 @@ class DetectionResult:
         is_backdoored: the verdict.
         target: inferred target gaze (median of G(M(x)) on held-out images), in the model's unit.
         dispersion_ratio: mean distance of G(M(x)) from their median over that of G(x).
+        median_ratio: the same with median distances.
         attack_success: share of G(M(x)) within ``tau`` of the inferred target.
         tau: that radius.
         kind: ``angle`` or ``point``.
@@ -323,6 +327,7 @@ class DetectionResult:
     is_backdoored: bool
     target: list[float]
     dispersion_ratio: float
+    median_ratio: float
     attack_success: float
     tau: float
     kind: TargetKind
@@ -492,7 +497,8 @@ def detect(
         threshold=threshold,
         is_backdoored=statistic < threshold,
         target=list(stats["target"]),
-        dispersion_ratio=statistic,
+        dispersion_ratio=float(stats["dispersion_ratio"]),
+        median_ratio=float(stats["median_ratio"]),
         attack_success=float(stats["attack_success"]),
         tau=tau,
         kind=kind,
