@@ -243,8 +243,8 @@ def main() -> None:
     source = args.calibration.resolve().relative_to(Path.cwd().resolve()) \
         if args.calibration.resolve().is_relative_to(Path.cwd().resolve()) else args.calibration
     command = " ".join(sys.argv[1:])
-    zoos = [(label, rows) for label, rows in first_zoo_only(
-        [(label, load_rows(Path(table))) for label, table in (entry.split("=", 1) for entry in args.zoo)])]
+    zoos = first_zoo_only([(label, load_rows(Path(table)))
+                           for label, table in (entry.split("=", 1) for entry in args.zoo)])
     # breadth first: every model's first seed before any model's second, so a cut-short run is still a zoo
     for detection_seed in args.detection_seeds:
         for label, rows in zoos:
