@@ -384,6 +384,13 @@ class EyeTrigger(Trigger):
     #: The options that size the trigger, named in placement errors.
     SIZES: tuple[str, ...] = ()
 
+    def _keep_in_range(self, **options: tuple[float, float, float]) -> None:
+        """Check and keep each option given as ``name=(value, low, high)``."""
+        for name, (value, low, high) in options.items():
+            if not low <= value <= high:
+                raise ValueError(f"{type(self).__name__} {name} must be in [{low:g}, {high:g}], got {value}")
+            setattr(self, name, float(value))
+
     def describe_options(self) -> str:
         """The size options as ``name value`` pairs, for error messages."""
         return ", ".join(f"{name} {getattr(self, name):g}" for name in self.SIZES)
@@ -434,6 +441,13 @@ def _ellipse_distance(x: np.ndarray, y: np.ndarray, a: float, b: float) -> np.nd
     return np.where(gradient > 1e-9, (q - 1.0) * q**2 / np.maximum(gradient * q, 1e-9), -min(a, b))
 
 
+def _rgb(trigger: str, colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    """``colour`` checked to be an RGB triple in [0, 255]."""
+    if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+        raise ValueError(f"{trigger} colour must be three values in [0, 255], got {colour!r}")
+    return tuple(colour)  # type: ignore[return-value]
+
+
 def _coverage(distance: np.ndarray, pixels_per_unit: float) -> np.ndarray:
     """Antialiased coverage of a shape from its signed distance (eye-distance units): a ramp one pixel wide."""
     return np.clip(0.5 - distance * pixels_per_unit, 0.0, 1.0)
@@ -447,11 +461,11 @@ class Glasses(EyeTrigger):
     stay visible. Placed from each face's eye centres (:class:`EyeTrigger`).
 
     Args:
-        lens_width: width of each rim, as a share of the eye distance (at most 1: wider rims
+        lens_width: width of each rim, as a share of the eye distance, in [0.3, 1] (wider rims
             would overlap).
-        lens_height: height of each rim, as a share of the eye distance.
-        thickness: rim and bridge line width, as a share of the eye distance (at least one pixel
-            is drawn whatever the face size).
+        lens_height: height of each rim, as a share of the eye distance, in [0.2, 1].
+        thickness: rim and bridge line width, as a share of the eye distance, in [0.01, 0.3] (at
+            least one pixel is drawn whatever the face size).
         colour: RGB of the frame.
     """
 
@@ -465,18 +479,9 @@ class Glasses(EyeTrigger):
         colour: tuple[int, int, int] = (25, 20, 20),
     ) -> None:
         super().__init__()
-        if not 0.3 <= lens_width <= 1.0:
-            raise ValueError(f"Glasses lens_width must be in [0.3, 1] of the eye distance, got {lens_width}")
-        if not 0.2 <= lens_height <= 1.0:
-            raise ValueError(f"Glasses lens_height must be in [0.2, 1] of the eye distance, got {lens_height}")
-        if not 0.0 < thickness <= 0.3:
-            raise ValueError(f"Glasses thickness must be in (0, 0.3] of the eye distance, got {thickness}")
-        if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
-            raise ValueError(f"Glasses colour must be three values in [0, 255], got {colour!r}")
-        self.lens_width = lens_width
-        self.lens_height = lens_height
-        self.thickness = thickness
-        self.colour = tuple(colour)
+        self._keep_in_range(lens_width=(lens_width, 0.3, 1.0), lens_height=(lens_height, 0.2, 1.0),
+                            thickness=(thickness, 0.01, 0.3))
+        self.colour = _rgb("Glasses", colour)
 
     def extent(self, eyes: np.ndarray) -> np.ndarray:
         margin = self.thickness / 2
@@ -502,11 +507,12 @@ class EyeShadow(EyeTrigger):
     face's eye centres (:class:`EyeTrigger`).
 
     Args:
-        width: width of each patch, as a share of the eye distance.
-        height: height of each patch, as a share of the eye distance.
-        raise_by: how far above the eye centre each patch's centre sits, share of the eye distance.
+        width: width of each patch, as a share of the eye distance, in [0.2, 1].
+        height: height of each patch, as a share of the eye distance, in [0.1, 0.8].
+        raise_by: how far above the eye centre each patch's centre sits, share of the eye
+            distance, in [0, 0.6].
         colour: RGB of the make-up.
-        opacity: how much of the skin colour the make-up replaces at its centre.
+        opacity: how much of the skin colour the make-up replaces at its centre, in [0.01, 1].
     """
 
     SIZES = ("width", "height", "raise_by")
@@ -520,21 +526,9 @@ class EyeShadow(EyeTrigger):
         opacity: float = 0.6,
     ) -> None:
         super().__init__()
-        if not 0.2 <= width <= 1.0:
-            raise ValueError(f"EyeShadow width must be in [0.2, 1] of the eye distance, got {width}")
-        if not 0.1 <= height <= 0.8:
-            raise ValueError(f"EyeShadow height must be in [0.1, 0.8] of the eye distance, got {height}")
-        if not 0.0 <= raise_by <= 0.6:
-            raise ValueError(f"EyeShadow raise_by must be in [0, 0.6] of the eye distance, got {raise_by}")
-        if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
-            raise ValueError(f"EyeShadow colour must be three values in [0, 255], got {colour!r}")
-        if not 0.0 < opacity <= 1.0:
-            raise ValueError(f"EyeShadow opacity must be in (0, 1], got {opacity}")
-        self.width = width
-        self.height = height
-        self.raise_by = raise_by
-        self.colour = tuple(colour)
-        self.opacity = opacity
+        self._keep_in_range(width=(width, 0.2, 1.0), height=(height, 0.1, 0.8), raise_by=(raise_by, 0.0, 0.6),
+                            opacity=(opacity, 0.01, 1.0))
+        self.colour = _rgb("EyeShadow", colour)
 
     def extent(self, eyes: np.ndarray) -> np.ndarray:
         return self._reach(eyes, 0.5 + self.width / 2, self.raise_by + self.height / 2)
