@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gazeguard.data.source import GazeSource
+from gazeguard.data.source import EYES_FROM, GazeSource
 from gazeguard.errors import ConfigError
 from gazeguard.gaze import TargetKind
 
@@ -191,7 +191,7 @@ class Attack:
             if source.eyes is None:
                 raise ConfigError(
                     f"attack {self.name!r} places its trigger from the eye positions, and {source.path} holds none "
-                    "(the synthetic data and `python -m gazeguard.prepare mpiifacegaze` store them)"
+                    f"({EYES_FROM})"
                 )
             height, width = source.read_image(int(indices[0])).shape[:2]
             eyes = source.eyes[indices] * np.array([image_size / width, image_size / height], dtype=np.float32)

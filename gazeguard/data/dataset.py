@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gazeguard.data.source import GazeSource
+from gazeguard.data.source import EYES_FROM, GazeSource
 from gazeguard.errors import ConfigError
 
 #: A batch is a dict: ``image`` float (B,3,H,W) in [0,1], ``gaze`` float (B,2), ``group`` long (B,)
@@ -29,8 +29,7 @@ class GazeDataset(Dataset):
         self.with_eyes = "keypoints" in pipeline.processors
         if self.with_eyes and source.eyes is None:
             raise ConfigError(
-                f"{source.path}: holds no eye positions, which this pipeline's trigger is placed from "
-                "(the synthetic data and `python -m gazeguard.prepare mpiifacegaze` store them)"
+                f"{source.path}: holds no eye positions, which this pipeline's trigger is placed from ({EYES_FROM})"
             )
 
     def set_random_seed(self, seed: int) -> None:

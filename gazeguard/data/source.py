@@ -24,6 +24,10 @@ from gazeguard.errors import DataFormatError
 from gazeguard.gaze import TARGET_KINDS, TargetKind
 
 
+#: Where eye positions come from, for the errors of triggers placed from them.
+EYES_FROM = "the synthetic data and `python -m gazeguard.prepare mpiifacegaze` store them"
+
+
 class GazeSource(ABC):
     """Labels in memory, images on disk.
 
