@@ -21,9 +21,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="model input size, px")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "triggers.png")
     args = parser.parse_args()
-    faces = render_dataset(SyntheticSpec(num_subjects=4, samples_per_subject=1, image_size=args.size))["images"]
+    faces = render_dataset(SyntheticSpec(num_subjects=4, samples_per_subject=1, image_size=args.size))
     triggers = {name: create(name).trigger for name in sorted(ATTACKS) if name not in LEARNED}
-    print(make_trigger_figure(args.out, list(faces), triggers))
+    print(make_trigger_figure(args.out, list(faces["images"]), triggers, eyes=list(faces["eyes"])))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ import torch
 
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.data.mpiifacegaze_h5 import MPIIFaceGazeH5, write_mpiifacegaze_h5
+from gazeguard.data.synthetic_cache import ensure_synthetic
 from gazeguard.data.transforms import GazeHorizontalFlip, build_pipeline
 from gazeguard.errors import ConfigError, DataFormatError
+from gazeguard.synthetic import SyntheticSpec
 
 
 def test_reads_real_layout_bgr_to_rgb(tmp_path: Path):
@@ -36,6 +38,29 @@ def test_writer_roundtrip(tiny_h5: Path):
     assert len(source) == 40
     assert sorted(set(source.groups)) == ["p00", "p01", "p02", "p03"]
     assert not any(p.name.endswith(".tmp") for p in tiny_h5.parent.iterdir())
+
+
+def test_eye_positions_round_trip_and_are_optional(tmp_path: Path):
+    """Our files may carry eye centres (pXX/eyes); hysts' file has none, and a half-annotated file is refused."""
+    images, labels, subject = np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 2)), np.array([0, 0, 1, 1])
+    eyes = np.arange(16, dtype=np.float32).reshape(4, 2, 2)
+    source = MPIIFaceGazeH5(write_mpiifacegaze_h5(tmp_path / "eyes.h5", images, labels, labels, subject, eyes=eyes))
+    np.testing.assert_array_equal(source.eyes, eyes)
+    assert MPIIFaceGazeH5(write_mpiifacegaze_h5(tmp_path / "none.h5", images, labels, labels, subject)).eyes is None
+    with h5py.File(tmp_path / "eyes.h5", "a") as f:
+        del f["p01/eyes"]
+    with pytest.raises(DataFormatError, match=r"eyes\.h5: p00 holds eye positions but p01 does not"):
+        MPIIFaceGazeH5(tmp_path / "eyes.h5")
+    eyes[2, 1, 0] = np.nan
+    with pytest.raises(DataFormatError, match=r"nan_eyes\.h5: 1 non-finite eye positions, first at p01/gaze/0000"):
+        MPIIFaceGazeH5(write_mpiifacegaze_h5(tmp_path / "nan_eyes.h5", images, labels, labels, subject, eyes=eyes))
+
+
+def test_synthetic_data_carries_its_eye_positions(tmp_path: Path):
+    spec = SyntheticSpec(num_subjects=2, samples_per_subject=4, image_size=32)
+    source = MPIIFaceGazeH5(ensure_synthetic(spec, tmp_path))
+    assert source.eyes is not None and source.eyes.shape == (len(source), 2, 2)
+    assert (source.eyes[:, 0, 0] < source.eyes[:, 1, 0]).all()  # image-left eye first
 
 
 def test_bad_files_name_the_file_and_problem(tmp_path: Path):

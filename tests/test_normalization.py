@@ -237,6 +237,15 @@ def test_prepare_mpiifacegaze_writes_normalized_layout(tmp_path: Path, capsys: p
         np.testing.assert_allclose(centroid(np.where(rgb[..., 0] > 40, rgb[..., 0], 0)), [48.0, 48.0], atol=0.5)
     with h5py.File(out) as f:
         assert f.attrs["focal"] == 400.0 and f.attrs["size"] == 96
+    # each eye's centre, moved as its pixels were (pixel i spans [i, i + 1)), image-left eye first
+    setting = NormalizationSetting(size=96, focal=400.0)
+    scenes = [scene for subject in sorted(RAW_SCENES) for scene in RAW_SCENES[subject]]
+    for index, scene in enumerate(scenes):
+        rotation = expected_rotation(scene.center, scene.head_rotation)
+        scale = np.diag([1.0, 1.0, setting.distance / np.linalg.norm(scene.center)])
+        corners = [setting.camera_matrix @ scale @ rotation @ corner for corner in scene.landmarks_3d[:4]]
+        centres = np.array([c[:2] / c[2] for c in corners]).reshape(2, 2, 2).mean(axis=1) + 0.5
+        np.testing.assert_allclose(source.eyes[index], centres[np.argsort(centres[:, 0])], atol=0.02)
 
     only = tmp_path / "p01.h5"
     assert prepare_main(["mpiifacegaze", "--raw", str(tmp_path / "raw"), "--out", str(only), "--subjects", "p01"]) == 0

@@ -16,6 +16,7 @@ from gazeguard.synthetic.render import (
     Appearance,
     Scene,
     SyntheticSpec,
+    eye_centres,
     eye_region,
     render,
     render_dataset,
@@ -41,7 +42,7 @@ def _flip_yaw(labels: np.ndarray) -> np.ndarray:
 
 def test_render_dataset_is_deterministic_and_seeded() -> None:
     a, b = render_dataset(SMALL), render_dataset(SMALL)
-    assert a.keys() == b.keys() == {"images", "gaze", "pose", "subject"}
+    assert a.keys() == b.keys() == {"images", "eyes", "gaze", "pose", "subject"}
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     c = render_dataset(dataclasses.replace(SMALL, seed=4))
@@ -57,6 +58,8 @@ def test_render_dataset_shapes_dtypes_and_label_ranges() -> None:
     assert data["gaze"].shape == data["pose"].shape == (n, 2)
     assert data["gaze"].dtype == data["pose"].dtype == np.float32
     assert data["subject"].dtype == np.int64
+    assert data["eyes"].shape == (n, 2, 2) and data["eyes"].dtype == np.float32
+    assert np.all((data["eyes"] > 0) & (data["eyes"] < 32))
     np.testing.assert_array_equal(data["subject"], np.repeat(np.arange(4), 50))
     for key, limits in (("gaze", spec.gaze_range), ("pose", spec.head_range)):
         labels = np.abs(data[key])
@@ -122,6 +125,27 @@ def test_gaze_only_changes_pixels_inside_the_eye_region() -> None:
     diff = np.abs(before.astype(int) - after.astype(int)).mean(axis=-1)
     assert diff[mask].mean() > 8  # the eyes change a lot ...
     assert mask.mean(axis=(1, 2)).max() < 0.16  # ... and the mask is only the eyes
+
+
+@pytest.mark.parametrize("size", [64, 75])
+def test_eye_centres_sit_in_the_middle_of_each_drawn_eye(size: int) -> None:
+    """The stored landmarks: inside the eye mask, horizontally at the middle of each eye's part of
+    it, image-left eye first, and mirrored with the face."""
+    app, _, pose, scene = _batch(30, seed=4)
+    eyes = eye_centres(app, pose, scene, size)
+    mask = eye_region(app, pose, scene, size)
+    assert eyes.shape == (30, 2, 2) and eyes.dtype == np.float32
+    cols = np.arange(size) + 0.5
+    for i in range(30):
+        split = eyes[i, :, 0].mean()
+        for k, half in enumerate((cols < split, cols >= split)):
+            x, y = np.floor(eyes[i, k]).astype(int)
+            assert mask[i, y, x]
+            in_eye = mask[i] & half[None, :]
+            assert abs((in_eye * cols).sum() / in_eye.sum() - eyes[i, k, 0]) < 1.0
+    mirrored = eye_centres(app, _flip_yaw(pose), scene.mirrored(), size)
+    np.testing.assert_allclose(mirrored[:, ::-1, 0], size - eyes[:, :, 0], atol=1e-3)
+    np.testing.assert_allclose(mirrored[:, ::-1, 1], eyes[:, :, 1], atol=1e-3)
 
 
 def test_head_pose_moves_the_whole_face() -> None:

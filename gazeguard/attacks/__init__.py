@@ -1,6 +1,7 @@
 """Backdoor attacks on gaze regressors: triggers, poisoned data and attack metrics.
 
-``create("badnets")`` (or ``blended``, ``wanet``, ``sig``, ``tape``, ``iad``) builds an
+``create("badnets")`` (or ``blended``, ``wanet``, ``sig``, ``tape``, ``iad``, and the eye-region
+``glasses`` and ``eyeshadow``, placed from the data's eye positions) builds an
 :class:`Attack`; :class:`PoisonedDataModule` poisons any :class:`~gazeguard.data.GazeDataModule` with it;
 :func:`evaluate_attack` (and, while training, :class:`gazeguard.callbacks.BackdoorMetricsLogger`)
 measure it. Users bring their own
@@ -15,7 +16,18 @@ from gazeguard.attacks.iad import IADGazeRegressor, IADTrigger, InputAwareGenera
 from gazeguard.attacks.metrics import DEFAULT_TAU, BackdoorMetrics, attack_metrics, evaluate_attack
 from gazeguard.attacks.poison import PoisonedDataModule, PoisonedDataset, TriggeredDataset
 from gazeguard.attacks.registry import ATTACKS, create, register
-from gazeguard.attacks.triggers import SIG, BadNets, Blended, SeededTrigger, Tape, Trigger, WaNet
+from gazeguard.attacks.triggers import (
+    SIG,
+    BadNets,
+    Blended,
+    EyeShadow,
+    EyeTrigger,
+    Glasses,
+    SeededTrigger,
+    Tape,
+    Trigger,
+    WaNet,
+)
 
 __all__ = [
     "ATTACKS",
@@ -25,6 +37,9 @@ __all__ = [
     "BadNets",
     "Blended",
     "DEFAULT_TAU",
+    "EyeShadow",
+    "EyeTrigger",
+    "Glasses",
     "IADGazeRegressor",
     "IADTrigger",
     "InputAwareGenerator",

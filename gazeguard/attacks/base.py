@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gazeguard.data.source import EYES_FROM, GazeSource
 from gazeguard.errors import ConfigError
 from gazeguard.gaze import TargetKind
 
@@ -167,12 +168,11 @@ class Attack:
         """Apply the trigger(s) to a dummy model-input image and refuse a wrong output early,
         naming the transform, rather than failing later inside a DataLoader worker."""
         dummy = np.random.default_rng(0).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
-        for option, trigger in (("attack.trigger", self.trigger), ("attack.cross_trigger", self.cross_trigger)):
-            if trigger is None:
-                continue
+        eyes = {"keypoints": np.array([[0.35, 0.45], [0.65, 0.45]], dtype=np.float32) * image_size}
+        for option, trigger in self._triggers():
             label = f"{option} {type(trigger).__name__}"
             try:
-                out = trigger(image=dummy.copy())["image"]
+                out = trigger(image=dummy.copy(), **(eyes if getattr(trigger, "needs_eyes", False) else {}))["image"]
             except Exception as err:  # a user's transform may fail in any way; report it by name
                 raise ConfigError(f"{label} failed on a {dummy.shape} uint8 image: {err}") from err
             if not isinstance(out, np.ndarray) or out.shape != dummy.shape or out.dtype != np.uint8:
@@ -181,6 +181,32 @@ class Attack:
                     f"{label} must return an image of the input's shape and dtype: got {got} "
                     f"for a {dummy.shape} uint8 input"
                 )
+
+    def check_placement(self, source: GazeSource, indices: np.ndarray, image_size: int) -> None:
+        """Refuse, before training, a trigger placed from the eyes (``needs_eyes``) on data without
+        eye positions, or one whose options make it reach off the image on a training face."""
+        for option, trigger in self._triggers():
+            if not getattr(trigger, "needs_eyes", False):
+                continue
+            if source.eyes is None:
+                raise ConfigError(
+                    f"attack {self.name!r} places its trigger from the eye positions, and {source.path} holds none "
+                    f"({EYES_FROM})"
+                )
+            height, width = source.read_image(int(indices[0])).shape[:2]
+            eyes = source.eyes[indices] * np.array([image_size / width, image_size / height], dtype=np.float32)
+            boxes = np.stack([trigger.extent(pair) for pair in eyes])
+            off = np.flatnonzero((boxes[:, :2] < 0).any(axis=1) | (boxes[:, 2:] > image_size).any(axis=1))
+            if len(off):
+                raise ConfigError(
+                    f"{option} {type(trigger).__name__} ({trigger.describe_options()}) reaches off the "
+                    f"{image_size} px image on {len(off)} of {len(indices)} training faces (first: "
+                    f"{source.describe(int(indices[off[0]]))}); make it smaller"
+                )
+
+    def _triggers(self) -> list[tuple[str, A.ImageOnlyTransform]]:
+        pairs = (("attack.trigger", self.trigger), ("attack.cross_trigger", self.cross_trigger))
+        return [(option, trigger) for option, trigger in pairs if trigger is not None]
 
     def __repr__(self) -> str:
         cross = f", cross_trigger={self.cross_trigger!r}, cross_ratio={self.cross_ratio}" if self.cross_trigger else ""

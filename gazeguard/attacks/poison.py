@@ -155,6 +155,7 @@ class PoisonedDataModule(L.LightningDataModule):
         train = self.split_indices["train"]
         self.attack.validate_target(self.source.labels[train], self.kind)
         self.attack.check(self.base.image_size)
+        self.attack.check_placement(self.source, train, self.base.image_size)
         self._triggered = {split: self._far_from_target(split) for split in ("val", "test")}
         self._roles = self._draw_roles(len(train))
 

@@ -16,7 +16,7 @@ import albumentations as A
 
 from gazeguard.attacks.base import Attack, TriggerLike, is_trigger_like
 from gazeguard.attacks.iad import IADTrigger
-from gazeguard.attacks.triggers import SIG, BadNets, Blended, Tape, WaNet
+from gazeguard.attacks.triggers import SIG, BadNets, Blended, EyeShadow, Glasses, Tape, WaNet
 from gazeguard.errors import ConfigError
 
 AttackFactory = Callable[..., Attack]
@@ -114,6 +114,8 @@ ATTACKS: dict[str, AttackFactory] = {
     "wanet": _wanet,
     "sig": _from_trigger("sig", SIG),
     "tape": _tape,
+    "glasses": _from_trigger("glasses", Glasses),
+    "eyeshadow": _from_trigger("eyeshadow", EyeShadow),
     # The trigger holds a generator that only IADGazeRegressor's co-training makes meaningful.
     "iad": _iad,
 }

@@ -367,3 +367,176 @@ class Tape(Trigger):
         tape = ((grey + fibres) * shade)[..., None] * self.TINT
         alpha = alpha[..., None]
         return _to_uint8(image * (1.0 - alpha) + tape * alpha)
+
+
+class EyeTrigger(Trigger):
+    """Base of triggers placed from each face's two eye centres: glasses, make-up.
+
+    The centres come from the data (:attr:`gazeguard.data.source.GazeSource.eyes`) as the
+    pipeline's ``keypoints``, so albumentations moves them with the resize (and with any
+    augmentation run before the trigger): the trigger follows each face's position, size, roll
+    and head pose as a physical one would. Sizes are fractions of the distance between the eyes.
+    Subclasses draw in the face's eye frame (:meth:`eye_frame`) and say how far the trigger
+    reaches (:meth:`extent`), which the attack checks against the image before training.
+    """
+
+    needs_eyes = True
+    #: The options that size the trigger, named in placement errors.
+    SIZES: tuple[str, ...] = ()
+
+    def _keep_in_range(self, **options: tuple[float, float, float]) -> None:
+        """Check and keep each option given as ``name=(value, low, high)``."""
+        for name, (value, low, high) in options.items():
+            if not low <= value <= high:
+                raise ValueError(f"{type(self).__name__} {name} must be in [{low:g}, {high:g}], got {value}")
+            setattr(self, name, float(value))
+
+    def describe_options(self) -> str:
+        """The size options as ``name value`` pairs, for error messages."""
+        return ", ".join(f"{name} {getattr(self, name):g}" for name in self.SIZES)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        keypoints = data.get("keypoints")
+        points = np.asarray(keypoints if keypoints is not None else (), dtype=np.float32)
+        if points.ndim != 2 or len(points) != 2 or points.shape[1] < 2:
+            raise ValueError(
+                f"{type(self).__name__} is placed from the two eye centres, passed as the pipeline's keypoints "
+                f"(x, y); got {keypoints!r}"
+            )
+        eyes = points[:, :2]
+        return {"eyes": eyes[np.argsort(eyes[:, 0])]}
+
+    @staticmethod
+    def eye_frame(eyes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Every pixel centre in the eyes' frame: ``(along, across)`` from the midpoint between the
+        eyes, along the line from the image-left to the image-right eye and across it (down),
+        in units of the eye distance; and that distance in pixels."""
+        left, right = eyes.astype(np.float64)
+        distance = max(float(np.linalg.norm(right - left)), 1e-6)
+        u = (right - left) / distance
+        ys, xs = np.mgrid[0:height, 0:width] + 0.5
+        dx, dy = xs - (left[0] + right[0]) / 2, ys - (left[1] + right[1]) / 2
+        return (dx * u[0] + dy * u[1]) / distance, (-dx * u[1] + dy * u[0]) / distance, distance
+
+    def extent(self, eyes: np.ndarray) -> np.ndarray:
+        """``(x_min, y_min, x_max, y_max)`` in pixels that the trigger reaches on a face with these eyes."""
+        raise NotImplementedError
+
+    def _reach(self, eyes: np.ndarray, along: float, across: float) -> np.ndarray:
+        """Bounding box of the rectangle ``|along| <= along, |across| <= across`` (eye-distance units)."""
+        left, right = eyes.astype(np.float64)
+        distance = float(np.linalg.norm(right - left))
+        u = (right - left) / max(distance, 1e-6)
+        v = np.array([-u[1], u[0]])
+        centre = (left + right) / 2
+        corners = np.array([centre + distance * (s * along * u + t * across * v) for s in (-1, 1) for t in (-1, 1)])
+        return np.concatenate([corners.min(axis=0), corners.max(axis=0)])
+
+
+def _ellipse_distance(x: np.ndarray, y: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Approximate signed distance to the ellipse ``(x/a)^2 + (y/b)^2 = 1`` (negative inside),
+    first order in the implicit function: exact on the axes, within a few percent elsewhere."""
+    q = np.sqrt((x / a) ** 2 + (y / b) ** 2)
+    gradient = np.sqrt((x / a**2) ** 2 + (y / b**2) ** 2)
+    return np.where(gradient > 1e-9, (q - 1.0) * q**2 / np.maximum(gradient * q, 1e-9), -min(a, b))
+
+
+def _rgb(trigger: str, colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    """``colour`` checked to be an RGB triple in [0, 255]."""
+    if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+        raise ValueError(f"{trigger} colour must be three values in [0, 255], got {colour!r}")
+    return tuple(colour)  # type: ignore[return-value]
+
+
+def _coverage(distance: np.ndarray, pixels_per_unit: float) -> np.ndarray:
+    """Antialiased coverage of a shape from its signed distance (eye-distance units): a ramp one pixel wide."""
+    return np.clip(0.5 - distance * pixels_per_unit, 0.0, 1.0)
+
+
+class Glasses(EyeTrigger):
+    """A dark glasses frame over both eyes: an oval rim around each eye and a bridge between them.
+
+    The classic physical backdoor trigger (Chen et al. 2017 used glasses on face recognition): it
+    sits on the eye region the gaze is read from, yet the lenses stay clear, so the irises and lids
+    stay visible. Placed from each face's eye centres (:class:`EyeTrigger`).
+
+    Args:
+        lens_width: width of each rim, as a share of the eye distance, in [0.3, 1] (wider rims
+            would overlap).
+        lens_height: height of each rim, as a share of the eye distance, in [0.2, 1].
+        thickness: rim and bridge line width, as a share of the eye distance, in [0.01, 0.3] (at
+            least one pixel is drawn whatever the face size).
+        colour: RGB of the frame.
+    """
+
+    SIZES = ("lens_width", "lens_height", "thickness")
+
+    def __init__(
+        self,
+        lens_width: float = 0.9,
+        lens_height: float = 0.6,
+        thickness: float = 0.08,
+        colour: tuple[int, int, int] = (25, 20, 20),
+    ) -> None:
+        super().__init__()
+        self._keep_in_range(lens_width=(lens_width, 0.3, 1.0), lens_height=(lens_height, 0.2, 1.0),
+                            thickness=(thickness, 0.01, 0.3))
+        self.colour = _rgb("Glasses", colour)
+
+    def extent(self, eyes: np.ndarray) -> np.ndarray:
+        margin = self.thickness / 2
+        return self._reach(eyes, 0.5 + self.lens_width / 2 + margin, self.lens_height / 2 + margin)
+
+    def stamp(self, img: np.ndarray, eyes: np.ndarray, **params: Any) -> np.ndarray:
+        along, across, distance = self.eye_frame(eyes, *img.shape[:2])
+        half = max(self.thickness * distance, 1.0) / distance / 2  # half the line width, eye-distance units
+        a, b = self.lens_width / 2, self.lens_height / 2
+        rims = np.minimum(*(np.abs(_ellipse_distance(along - side, across, a, b)) for side in (-0.5, 0.5)))
+        bridge_end = max(0.5 - a, 0.0)  # the rims' inner ends, on the line through the eyes
+        bridge = np.maximum(np.abs(along) - bridge_end, 0.0)
+        bridge = np.hypot(bridge, across)
+        alpha = _coverage(np.minimum(rims, bridge) - half, distance)[..., None]
+        return _to_uint8(img.astype(np.float32) * (1.0 - alpha) + np.asarray(self.colour, np.float32) * alpha)
+
+
+class EyeShadow(EyeTrigger):
+    """Coloured make-up on the upper lids: a soft translucent crescent above each eye.
+
+    An eye-region trigger of a different kind from :class:`Glasses`: no line, no occlusion, a
+    colour change over the lids right above the eyes that the gaze is read from. Placed from each
+    face's eye centres (:class:`EyeTrigger`).
+
+    Args:
+        width: width of each patch, as a share of the eye distance, in [0.2, 1].
+        height: height of each patch, as a share of the eye distance, in [0.1, 0.8].
+        raise_by: how far above the eye centre each patch's centre sits, share of the eye
+            distance, in [0, 0.6].
+        colour: RGB of the make-up.
+        opacity: how much of the skin colour the make-up replaces at its centre, in [0.01, 1].
+    """
+
+    SIZES = ("width", "height", "raise_by")
+
+    def __init__(
+        self,
+        width: float = 0.8,
+        height: float = 0.35,
+        raise_by: float = 0.2,
+        colour: tuple[int, int, int] = (150, 40, 170),
+        opacity: float = 0.6,
+    ) -> None:
+        super().__init__()
+        self._keep_in_range(width=(width, 0.2, 1.0), height=(height, 0.1, 0.8), raise_by=(raise_by, 0.0, 0.6),
+                            opacity=(opacity, 0.01, 1.0))
+        self.colour = _rgb("EyeShadow", colour)
+
+    def extent(self, eyes: np.ndarray) -> np.ndarray:
+        return self._reach(eyes, 0.5 + self.width / 2, self.raise_by + self.height / 2)
+
+    def stamp(self, img: np.ndarray, eyes: np.ndarray, **params: Any) -> np.ndarray:
+        along, across, distance = self.eye_frame(eyes, *img.shape[:2])
+        a, b = self.width / 2, self.height / 2
+        inside = np.minimum(*(_ellipse_distance(along - side, across + self.raise_by, a, b) for side in (-0.5, 0.5)))
+        # soft towards the rim over a quarter of the patch height, as powder fades out
+        alpha = (np.clip(-inside / (b / 2), 0.0, 1.0) * self.opacity)[..., None]
+        return _to_uint8(img.astype(np.float32) * (1.0 - alpha) + np.asarray(self.colour, np.float32) * alpha)

@@ -184,7 +184,8 @@ class GazeDataModule(L.LightningDataModule):
     ) -> GazeDataset:
         """The samples of one split (``train``, ``val``, ``test`` or ``defend``), or the given
         ``indices`` of it, optionally with a trigger stamped after resizing or after the
-        augmentation (attacks use this; see :func:`build_pipeline`)."""
+        augmentation (attacks use this; see :func:`build_pipeline`). A trigger placed from the
+        eyes (``needs_eyes``) gets each sample's eye centres as the pipeline's keypoints."""
         if split not in SPLITS:
             raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
         source = self._require_source()
@@ -195,6 +196,7 @@ class GazeDataModule(L.LightningDataModule):
             trigger=trigger,
             seed=self.seed,
             trigger_after_augmentation=trigger_after_augmentation,
+            keypoints=any(getattr(t, "needs_eyes", False) for t in trigger),
         )
         return GazeDataset(source, self.split_indices[split] if indices is None else indices, pipeline)
 

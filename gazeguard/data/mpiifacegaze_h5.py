@@ -2,7 +2,9 @@
 
 Layout (``docs/data.md``): one dataset per sample, ``pXX/image/NNNN`` (HxWx3 uint8, **BGR**),
 ``pXX/gaze/NNNN`` (pitch, yaw rad) and ``pXX/pose/NNNN`` (head pitch, yaw rad). Our synthetic
-faces are written in the same layout so that one loader reads synthetic and real data.
+faces are written in the same layout so that one loader reads synthetic and real data. Our files
+may also hold ``pXX/eyes/NNNN``, the (x, y) pixel centres of the image-left and image-right eye
+(2 x 2 float32), which eye-region triggers are placed from; hysts' file has none.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 import h5py
 import numpy as np
@@ -30,12 +32,12 @@ class MPIIFaceGazeH5(GazeSource):
         path = Path(path)
         with open_hdf5(path, "an MPIIFaceGaze HDF5 file (pXX/{image,gaze,pose}/NNNN)") as f:
             try:
-                keys, gaze, pose, groups = _read_labels(path, f)
+                keys, gaze, pose, groups, eyes = _read_labels(path, f)
             except OSError as err:  # corrupted content past the header
                 raise DataFormatError(f"{path}: cannot be read as HDF5, truncated or corrupted ({err})") from err
         self.keys = keys
         self.pose = pose
-        super().__init__(path, "angle", gaze, groups)
+        super().__init__(path, "angle", gaze, groups, eyes=eyes)
 
     def describe(self, index: int) -> str:
         subject, key = self.keys[index]
@@ -55,7 +57,9 @@ class MPIIFaceGazeH5(GazeSource):
         return np.ascontiguousarray(bgr[..., ::-1])
 
 
-def _read_labels(path: Path, f: h5py.File) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray, np.ndarray]:
+def _read_labels(
+    path: Path, f: h5py.File
+) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
     subjects = sorted(k for k in f.keys() if _SUBJECT.match(k))
     if not subjects:
         raise DataFormatError(
@@ -65,13 +69,18 @@ def _read_labels(path: Path, f: h5py.File) -> tuple[list[tuple[str, str]], np.nd
     keys: list[tuple[str, str]] = []
     gaze: list[np.ndarray] = []
     pose: list[np.ndarray] = []
+    eyes: list[np.ndarray] = []
+    with_eyes = [s for s in subjects if "eyes" in f[s]]
+    if with_eyes and len(with_eyes) < len(subjects):
+        lacking = sorted(set(subjects) - set(with_eyes))
+        raise DataFormatError(f"{path}: {with_eyes[0]} holds eye positions but {lacking[0]} does not (pXX/eyes)")
     for subject in subjects:
         group = f[subject]
         missing = [p for p in _PARTS if p not in group]
         if missing:
             raise DataFormatError(f"{path}: {subject} lacks {'/'.join(missing)} (expected {subject}/{{image,gaze,pose}})")
         names = sorted(group["gaze"].keys())
-        for part in ("image", "pose"):
+        for part in ("image", "pose", *(("eyes",) if with_eyes else ())):
             if sorted(group[part].keys()) != names:
                 raise DataFormatError(f"{path}: {subject}/{part} and {subject}/gaze hold different sample keys")
         for name in names:
@@ -84,8 +93,10 @@ def _read_labels(path: Path, f: h5py.File) -> tuple[list[tuple[str, str]], np.nd
             keys.append((subject, name))
             gaze.append(g)
             pose.append(p)
+            if with_eyes:
+                eyes.append(np.asarray(group["eyes"][name][()], dtype=np.float32))
     groups = np.array([s for s, _ in keys])
-    return keys, np.stack(gaze), np.stack(pose), groups
+    return keys, np.stack(gaze), np.stack(pose), groups, np.stack(eyes) if eyes else None
 
 
 def write_mpiifacegaze_h5(
@@ -95,8 +106,10 @@ def write_mpiifacegaze_h5(
     pose: np.ndarray,
     subject: np.ndarray,
     attrs: dict[str, Any] | None = None,
+    eyes: Optional[np.ndarray] = None,
 ) -> Path:
-    """Write samples in the MPIIFaceGaze layout (images stored BGR, as the real file does).
+    """Write samples in the MPIIFaceGaze layout (images stored BGR, as the real file does), with
+    each sample's eye centres ``eyes`` (N, 2, 2) when given.
 
     Written to a temporary file and renamed at the end, so an interrupted run never leaves a
     half-written file where a cache lookup would find it.
@@ -109,13 +122,15 @@ def write_mpiifacegaze_h5(
         with h5py.File(tmp, "w") as f:
             for key, value in (attrs or {}).items():
                 f.attrs[key] = value
-            for image, g, p, s in zip(images_rgb, gaze, pose, subject):
+            for i, (image, g, p, s) in enumerate(zip(images_rgb, gaze, pose, subject)):
                 index = counters.get(int(s), 0)
                 counters[int(s)] = index + 1
                 name = f"p{int(s):02d}"
                 f.create_dataset(f"{name}/image/{index:04d}", data=np.ascontiguousarray(image[..., ::-1]))
                 f.create_dataset(f"{name}/gaze/{index:04d}", data=np.asarray(g, dtype=np.float32))
                 f.create_dataset(f"{name}/pose/{index:04d}", data=np.asarray(p, dtype=np.float32))
+                if eyes is not None:
+                    f.create_dataset(f"{name}/eyes/{index:04d}", data=np.asarray(eyes[i], dtype=np.float32))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -6,7 +6,9 @@ Reads, per subject folder ``pXX/`` (``docs/data.md``):
   ``pXX/``); 2-3 gaze point on the screen (px); 4-15 six 2-D landmarks; 16-18 head rotation
   (Rodrigues); 19-21 head translation; 22-24 face centre ``fc``; 25-27 3-D gaze target ``gt``
   (camera coordinates, mm); 28 ``left``/``right`` (the eye the MPIIGaze evaluation subset uses;
-  the full-face normalization does not need it).
+  the full-face normalization does not need it). The landmarks are four eye corners (two per
+  eye) and two mouth corners; each eye's centre, the middle of its corners moved by the same
+  normalization as the pixels, is stored with the face (``pXX/eyes``) for eye-region triggers.
 * ``pXX/Calibration/Camera.mat`` (MATLAB v5): ``cameraMatrix`` and ``distCoeffs``.
 
 and normalizes every sample with :mod:`gazeguard.data.normalization` (face centre = ``fc``).
@@ -37,8 +39,10 @@ from gazeguard.data.mpiifacegaze_h5 import write_mpiifacegaze_h5
 from gazeguard.data.normalization import (
     NormalizationSetting,
     head_rotation_matrix,
+    normalization,
     normalize_sample,
     normalized_labels,
+    warp_points,
 )
 from gazeguard.errors import ConfigError, DataFormatError
 
@@ -53,6 +57,7 @@ class Annotation:
 
     image: Path
     line: int
+    landmarks: np.ndarray
     head_rvec: np.ndarray
     center: np.ndarray
     target: np.ndarray
@@ -98,11 +103,13 @@ def read_annotations(path: Path) -> list[Annotation]:
                 raise DataFormatError(f"{path}:{number}: non-finite number in columns 2-27")
             if columns[27] not in _SIDES:
                 raise DataFormatError(f"{path}:{number}: column 28 must be 'left' or 'right', got {columns[27]!r}")
-            # values[k] is column k + 2: head rotation 16-18, face centre 22-24, gaze target 25-27.
+            # values[k] is column k + 2: landmarks 4-15, head rotation 16-18, face centre 22-24,
+            # gaze target 25-27.
             annotations.append(
                 Annotation(
                     image=path.parent / columns[0],
                     line=number,
+                    landmarks=values[2:14].reshape(6, 2),
                     head_rvec=values[14:17],
                     center=values[20:23],
                     target=values[23:26],
@@ -165,17 +172,26 @@ def read_subject(folder: Path) -> Subject:
     return Subject(name=folder.name, annotation_file=annotation_file, camera=camera, annotations=annotations)
 
 
-def _labels(subject: Subject) -> tuple[np.ndarray, np.ndarray]:
-    """Normalized gaze and head pose of every annotation (pure geometry: no image is read)."""
-    gaze, pose = [], []
+def _labels(subject: Subject, setting: NormalizationSetting) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalized gaze, head pose and eye centres of every annotation (pure geometry: no image is read).
+
+    Eye centres are in albumentations' keypoint convention (pixel ``i`` spans ``[i, i + 1)``),
+    the image-left eye first."""
+    gaze, pose, eyes = [], [], []
+    camera = subject.camera
     for a in subject.annotations:
         try:
-            g, p = normalized_labels(head_rotation_matrix(a.head_rvec), a.center, a.target)
+            head_rotation = head_rotation_matrix(a.head_rvec)
+            g, p = normalized_labels(head_rotation, a.center, a.target)
+            norm = normalization(camera.matrix, a.center, head_rotation, setting)
         except ValueError as err:  # degenerate geometry, e.g. a face centre at the camera
             raise DataFormatError(f"{subject.annotation_file}:{a.line}: {err}") from err
+        corners = warp_points(a.landmarks[:4], camera.matrix, camera.dist_coeffs, norm, setting)
+        centres = corners.reshape(2, 2, 2).mean(axis=1) + 0.5
         gaze.append(g)
         pose.append(p)
-    return np.array(gaze, dtype=np.float32), np.array(pose, dtype=np.float32)
+        eyes.append(centres[np.argsort(centres[:, 0])])
+    return tuple(np.array(v, dtype=np.float32) for v in (gaze, pose, eyes))
 
 
 def _normalized_images(subjects: list[Subject], setting: NormalizationSetting, progress: bool) -> Iterator[np.ndarray]:
@@ -205,12 +221,12 @@ def prepare_mpiifacegaze(
     """Normalize the raw release under ``raw`` into ``out`` (HDF5); returns samples per subject."""
     raw = Path(raw)
     chosen = [read_subject(raw / name) for name in find_subjects(raw, subjects)]
-    labels = [_labels(s) for s in chosen]  # all geometry is checked before the first image is read
+    labels = [_labels(s, setting) for s in chosen]  # all geometry is checked before the first image is read
     write_mpiifacegaze_h5(
         out,
         _normalized_images(chosen, setting, progress),
-        np.concatenate([g for g, _ in labels]),
-        np.concatenate([p for _, p in labels]),
+        np.concatenate([g for g, _, _ in labels]),
+        np.concatenate([p for _, p, _ in labels]),
         np.concatenate([np.full(len(s.annotations), int(s.name[1:])) for s in chosen]),
         attrs={
             "source": "MPIIFaceGaze raw release, normalized by gazeguard.prepare (Zhang et al. 2018)",
@@ -219,5 +235,6 @@ def prepare_mpiifacegaze(
             "distance": setting.distance,
             "convention": "pitch = arcsin(-g_y), yaw = arctan2(-g_x, -g_z), rad; head pose likewise of -hR_n[:, 2]",
         },
+        eyes=np.concatenate([e for _, _, e in labels]),
     )
     return {s.name: len(s.annotations) for s in chosen}

@@ -133,6 +133,23 @@ def warp_image(
     return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
 
+def warp_points(
+    points: np.ndarray, camera_matrix: np.ndarray, dist_coeffs: np.ndarray, norm: Normalization, setting: NormalizationSetting
+) -> np.ndarray:
+    """Where :func:`warp_image` moves camera-image points ``(N, 2)``: undistorted and warped by ``W``
+    exactly as the pixels are (``cv2.undistortPoints`` with the same ``S R`` and ``K_n``). Both in
+    OpenCV pixel coordinates (a pixel's centre at its integer index)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 1, 2)
+    moved = cv2.undistortPoints(
+        points,
+        np.asarray(camera_matrix, dtype=np.float64),
+        np.asarray(dist_coeffs, dtype=np.float64).reshape(-1),
+        R=norm.scale @ norm.rotation,
+        P=setting.camera_matrix,
+    )
+    return moved.reshape(-1, 2)
+
+
 def pitchyaw(vector: np.ndarray) -> np.ndarray:
     """``(..., 3)`` direction -> ``(..., 2)`` pitch/yaw rad, by :func:`gazeguard.gaze.vector_to_pitchyaw`.
 

@@ -24,6 +24,10 @@ from gazeguard.errors import DataFormatError
 from gazeguard.gaze import TARGET_KINDS, TargetKind
 
 
+#: Where eye positions come from, for the errors of triggers placed from them.
+EYES_FROM = "the synthetic data and `python -m gazeguard.prepare mpiifacegaze` store them"
+
+
 class GazeSource(ABC):
     """Labels in memory, images on disk.
 
@@ -34,6 +38,8 @@ class GazeSource(ABC):
         groups: ``(N,)`` subject / recording id of each sample (for subject-disjoint splits).
         splits: ``(N,)`` the dataset's own split names (``train``/``val``/``test``), or ``None``
             when the protocol is leave-subjects-out.
+        eyes: ``(N, 2, 2)`` float32 (x, y) pixel centres of the image-left and image-right eye
+            in each stored image, or ``None`` when the data has no eye landmarks.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class GazeSource(ABC):
         labels: np.ndarray,
         groups: np.ndarray,
         splits: Optional[np.ndarray] = None,
+        eyes: Optional[np.ndarray] = None,
     ) -> None:
         if kind not in TARGET_KINDS:
             raise DataFormatError(f"{path}: unknown target kind {kind!r}")
@@ -56,8 +63,16 @@ class GazeSource(ABC):
             raise DataFormatError(
                 f"{path}: {len(bad)} non-finite (NaN/inf) labels, first at {self.describe(int(bad[0]))}"
             )
+        if eyes is not None:
+            eyes = np.asarray(eyes, dtype=np.float32)
+            if eyes.shape != (len(labels), 2, 2):
+                raise DataFormatError(f"{path}: eye positions must have shape ({len(labels)}, 2, 2), got {eyes.shape}")
+            bad = np.flatnonzero(~np.isfinite(eyes).all(axis=(1, 2)))
+            if len(bad):
+                raise DataFormatError(f"{path}: {len(bad)} non-finite eye positions, first at {self.describe(int(bad[0]))}")
         self.path = Path(path)
         self.kind: TargetKind = kind
+        self.eyes = eyes
         self.labels = labels
         self.groups = np.asarray(groups)
         self.splits = None if splits is None else np.asarray(splits)

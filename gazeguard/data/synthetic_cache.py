@@ -43,5 +43,6 @@ def ensure_synthetic(spec: SyntheticSpec, cache_dir: Optional[Union[str, Path]] 
         write_mpiifacegaze_h5(
             path, data["images"], data["gaze"], data["pose"], data["subject"],
             attrs={"generator": "gazeguard.synthetic", "spec": json.dumps(dataclasses.asdict(spec))},
+            eyes=data["eyes"],
         )
     return path

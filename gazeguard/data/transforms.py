@@ -56,15 +56,19 @@ def build_pipeline(
     trigger: Sequence[A.BasicTransform] = (),
     seed: int | None = None,
     trigger_after_augmentation: bool = False,
+    keypoints: bool = False,
 ) -> A.Compose:
     """RGB uint8 image (+ ``gaze`` label) -> resized, optionally triggered and augmented tensor.
 
     The trigger goes right after resizing (poisoned *data*: the victim's augmentation moves it
     around) or, with ``trigger_after_augmentation``, after the augmentation (an attacker who
     controls the training pipeline and stamps the augmented batch, as WaNet's reference code).
+    With ``keypoints`` the pipeline also takes ``keypoints`` (x, y pixels of the stored image,
+    e.g. the eye centres) and moves them with the image, for triggers placed from them.
     """
     steps: list[A.BasicTransform] = [A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)]
     augmentation = augmentations(kind) if augment else []
     steps += [*augmentation, *trigger] if trigger_after_augmentation else [*trigger, *augmentation]
     steps += [A.ToFloat(max_value=255.0), ToTensorV2()]
-    return A.Compose(steps, seed=seed, strict=False)
+    keypoint_params = A.KeypointParams(format="xy", remove_invisible=False) if keypoints else None
+    return A.Compose(steps, seed=seed, strict=False, keypoint_params=keypoint_params)

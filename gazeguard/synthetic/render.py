@@ -50,6 +50,7 @@ __all__ = [
     "Appearance",
     "Scene",
     "SyntheticSpec",
+    "eye_centres",
     "eye_region",
     "render",
     "render_dataset",
@@ -649,10 +650,30 @@ def eye_region(appearance: Appearance, pose: np.ndarray, scene: Scene, image_siz
     return out
 
 
+def eye_centres(appearance: Appearance, pose: np.ndarray, scene: Scene, image_size: int) -> np.ndarray:
+    """Float32 (B, 2, 2): the (x, y) pixel position of each eye's centre, the image-left eye
+    first, in albumentations' keypoint convention (pixel ``i`` spans ``[i, i + 1)``). The
+    landmarks an eye-region trigger is placed from; they follow head pose, framing and roll
+    exactly as the drawing does, and do not depend on gaze."""
+    pose = np.asarray(pose, dtype=np.float64)
+    _check_batch(appearance, pose, scene)
+    lay = _layout(appearance, pose)
+    scale = scene.scale * _BASE_SCALE
+    cr, sr = np.cos(scene.roll), np.sin(scene.roll)
+    out = np.empty((len(pose), 2, 2), dtype=np.float32)
+    for k in range(2):  # _grid's mapping from image to face coordinates, inverted
+        x, y = lay.eye_x[k].reshape(-1), lay.eye_y[k].reshape(-1)
+        u = scale * (cr * x - sr * y) + scene.offset[:, 0]
+        v = scale * (sr * x + cr * y) + scene.offset[:, 1]
+        out[:, k, 0], out[:, k, 1] = (u + 1.0) * image_size / 2, (v + 1.0) * image_size / 2
+    return out
+
+
 def render_dataset(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     """Render ``spec``: ``images`` uint8 (N, H, W, 3) RGB, ``gaze`` float32 (N, 2), ``pose``
     float32 (N, 2) (both pitch, yaw in rad), ``subject`` int64 (N,) in ``0..num_subjects-1``,
-    grouped by subject. Byte-identical for equal specs.
+    grouped by subject, and ``eyes`` float32 (N, 2, 2) (:func:`eye_centres`). Byte-identical for
+    equal specs.
 
     Each subject draws gaze, pose and scenes from its own child of ``SeedSequence(seed)``
     (spawn keys are stable), so adding subjects does not reshuffle the existing ones, and
@@ -673,6 +694,7 @@ def render_dataset(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     images = render(app.take(subject), gaze_all, pose_all, scene, spec.image_size, spec.noise_std)
     return {
         "images": images,
+        "eyes": eye_centres(app.take(subject), pose_all, scene, spec.image_size),
         "gaze": gaze_all.astype(np.float32),
         "pose": pose_all.astype(np.float32),
         "subject": subject,
