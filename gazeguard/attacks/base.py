@@ -195,7 +195,7 @@ class Attack:
                 )
             height, width = source.read_image(int(indices[0])).shape[:2]
             eyes = source.eyes[indices] * np.array([image_size / width, image_size / height], dtype=np.float32)
-            boxes = np.stack([trigger.extent(pair) for pair in eyes])
+            boxes = trigger.extent(eyes)
             off = np.flatnonzero((boxes[:, :2] < 0).any(axis=1) | (boxes[:, 2:] > image_size).any(axis=1))
             if len(off):
                 raise ConfigError(

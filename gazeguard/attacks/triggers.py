@@ -411,26 +411,32 @@ class EyeTrigger(Trigger):
         """Every pixel centre in the eyes' frame: ``(along, across)`` from the midpoint between the
         eyes, along the line from the image-left to the image-right eye and across it (down),
         in units of the eye distance; and that distance in pixels."""
-        left, right = eyes.astype(np.float64)
-        distance = max(float(np.linalg.norm(right - left)), 1e-6)
-        u = (right - left) / distance
+        centre, u, distance = _eye_axes(eyes)
         ys, xs = np.mgrid[0:height, 0:width] + 0.5
-        dx, dy = xs - (left[0] + right[0]) / 2, ys - (left[1] + right[1]) / 2
-        return (dx * u[0] + dy * u[1]) / distance, (-dx * u[1] + dy * u[0]) / distance, distance
+        dx, dy = xs - centre[0], ys - centre[1]
+        return (dx * u[0] + dy * u[1]) / distance, (-dx * u[1] + dy * u[0]) / distance, float(distance)
 
     def extent(self, eyes: np.ndarray) -> np.ndarray:
-        """``(x_min, y_min, x_max, y_max)`` in pixels that the trigger reaches on a face with these eyes."""
+        """``(x_min, y_min, x_max, y_max)`` in pixels that the trigger reaches on faces with these
+        eyes: ``(2, 2)`` -> ``(4,)``, or a batch ``(N, 2, 2)`` -> ``(N, 4)``."""
         raise NotImplementedError
 
-    def _reach(self, eyes: np.ndarray, along: float, across: float) -> np.ndarray:
+    @staticmethod
+    def _reach(eyes: np.ndarray, along: float, across: float) -> np.ndarray:
         """Bounding box of the rectangle ``|along| <= along, |across| <= across`` (eye-distance units)."""
-        left, right = eyes.astype(np.float64)
-        distance = float(np.linalg.norm(right - left))
-        u = (right - left) / max(distance, 1e-6)
-        v = np.array([-u[1], u[0]])
-        centre = (left + right) / 2
-        corners = np.array([centre + distance * (s * along * u + t * across * v) for s in (-1, 1) for t in (-1, 1)])
-        return np.concatenate([corners.min(axis=0), corners.max(axis=0)])
+        centre, u, distance = _eye_axes(eyes)
+        # a rectangle rotated to the unit axis u reaches |u_x| along + |u_y| across sideways, and vice versa
+        half = distance[..., None] * (along * np.abs(u) + across * np.abs(u[..., ::-1]))
+        return np.concatenate([centre - half, centre + half], axis=-1)
+
+
+def _eye_axes(eyes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Midpoint, unit direction from the first to the second eye, and their distance, for eye
+    pairs ``(..., 2, 2)``."""
+    eyes = np.asarray(eyes, dtype=np.float64)
+    left, right = eyes[..., 0, :], eyes[..., 1, :]
+    distance = np.maximum(np.linalg.norm(right - left, axis=-1), 1e-6)
+    return (left + right) / 2, (right - left) / distance[..., None], distance
 
 
 def _ellipse_distance(x: np.ndarray, y: np.ndarray, a: float, b: float) -> np.ndarray:
