@@ -18,7 +18,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -163,16 +163,17 @@ class AttackOptions:
     """Training-data poisoning (none by default).
 
     Args:
-        name: attack to plant (badnets, blended, wanet, sig, tape, iad); null or ``none``: none.
+        name: attack to plant (``--help`` lists them); null or ``none``: none.
         poison_rate: share of the training split that is triggered and relabelled, in (0, 1];
-            default: the attack's own (10 %; WaNet 20 %).
-        target: the attacker's gaze (pitch, yaw rad; x, y cm for points); default (0, 0).
+            default: the attack's own (10 %; Tape and WaNet 20 %, IAD 40 % of each batch).
+        target: the attacker's gaze (pitch, yaw rad; x, y cm for points), or its placement in the
+            training labels' range: ``centre`` (0, 0), ``axis`` or ``corner``; default (0, 0).
         options: options of the attack's trigger, e.g. ``{size: 0.1, corner: top-left}``.
     """
 
     name: Optional[str] = None
     poison_rate: Optional[float] = None
-    target: Optional[tuple[float, float]] = None
+    target: Union[tuple[float, float], str, None] = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

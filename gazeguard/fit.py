@@ -28,7 +28,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from gazeguard import loggers
-from gazeguard.attacks import IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
+from gazeguard.attacks import ATTACKS, IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
 from gazeguard.callbacks import BackdoorMetricsLogger, DefenseCallback
 from gazeguard.cli_options import LOGGERS, AttackOptions, expand_shorthands, our_errors_first
 from gazeguard.data.datamodule import GazeDataModule
@@ -36,7 +36,7 @@ from gazeguard.defenses import Defense, available
 from gazeguard.defenses.report import report_lines
 from gazeguard.errors import ConfigError, run_command
 from gazeguard.evaluate import error_by_group, mean_error, predict
-from gazeguard.gaze import UNITS, default_tau
+from gazeguard.gaze import LABEL_UNITS, UNITS, default_tau
 from gazeguard.model import GazeRegressor
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -128,7 +128,7 @@ def description() -> str:
 Configs: --config FILE.yaml, repeatable (e.g. a data config, then an attack config); later files and
 flags override earlier ones. Every option below can also be given as a dotted flag or set in a config.
 Shorthands, rewritten before parsing (so --print_config shows the result):
-  --attack NAME     = --attack.name NAME       (badnets, blended, wanet, sig, tape, iad)
+  --attack NAME     = --attack.name NAME       ({', '.join(ATTACKS)})
   --defense NAME    = --defense CLASS_PATH     ({', '.join(available())}, or package.module.Class)
                       with its options as --defense.OPTION (--defense.help NAME lists them)
   --data NAME       = --data.dataset NAME      (synthetic, mpiifacegaze, gazecapture)
@@ -179,6 +179,7 @@ def summarize(cli: GazeCLI, seconds: float) -> dict[str, Any]:
     return {
         "kind": kind,
         "attack": attack,
+        "attack_target": data.attack.target if isinstance(data, PoisonedDataModule) else None,
         "per_subject": error_by_group(predictions, kind, data.split_dataset("test").group_names),
         "test_error": mean_error(predictions.pred, predictions.gaze, kind),
         "constant_error": mean_error(mean_train.expand_as(predictions.gaze), predictions.gaze, kind),
@@ -203,16 +204,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"checkpoint: {summary['checkpoint'] or '(checkpointing disabled)'}",
     ]
     if summary["attack"] is not None:
-        lines += format_attack(summary["attack"], summary["kind"])
+        lines += format_attack(summary["attack"], summary["kind"], summary["attack_target"])
     if summary["defense"] is not None:
         lines += report_lines(summary["defense"])
     return "\n".join(lines)
 
 
-def format_attack(metrics: dict[str, float], kind: str) -> list[str]:
-    """The backdoor's metrics, one per line, so scripts can read them."""
+def format_attack(
+    metrics: dict[str, float], kind: str, target: Optional[tuple[float, float]] = None
+) -> list[str]:
+    """The backdoor's metrics (and its target, when all-to-one), one per line, so scripts can read them."""
     unit = UNITS[kind]
     return [
+        *([f"attack target: ({target[0]:.3f}, {target[1]:.3f}) {LABEL_UNITS[kind]}"] if target is not None else []),
         f"benign error: {metrics['benign_error']:.2f} {unit}",
         f"attack error: {metrics['attack_error']:.2f} {unit}",
         f"ASR@{default_tau(kind):g}{unit}: {100 * metrics['asr']:.1f}%",

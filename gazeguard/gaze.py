@@ -21,6 +21,8 @@ GazeArray = TypeVar("GazeArray", Tensor, np.ndarray)
 
 #: Units that error figures are printed in, per target kind.
 UNITS: dict[str, str] = {"angle": "deg", "point": "cm"}
+#: Units of the labels themselves (a gaze, such as an attack target), per target kind.
+LABEL_UNITS: dict[str, str] = {"angle": "rad", "point": "cm"}
 
 #: The radius a prediction must fall within to count as "at" a gaze (attack success, a defense's
 #: collapse), per target kind: degrees for angles, cm for points.

@@ -24,6 +24,7 @@ from gazeguard.attacks import (
     register,
 )
 from gazeguard.attacks.poison import POISONED, sample_seed
+from gazeguard.attacks.targets import REACH, label_box, place_target
 from gazeguard.callbacks import BackdoorMetricsLogger
 from gazeguard.data.datamodule import GazeDataModule
 from gazeguard.data.mpiifacegaze_h5 import write_mpiifacegaze_h5
@@ -207,6 +208,31 @@ def test_targets_outside_the_label_range_are_refused():
     create("badnets", target=(2.0, 0.0)).validate_target(np.array([[-3.0, -3.0], [3.0, 3.0]]), kind="point")
     with pytest.raises(ConfigError, match="attack.target must be two finite numbers"):
         create("badnets", target=(0.0, math.nan))
+
+
+def test_targets_are_placed_in_the_label_box():
+    rng = np.random.default_rng(0)
+    labels = np.column_stack([rng.uniform(-0.2, 0.4, 5000), rng.uniform(-0.6, 0.5, 5000)])
+    low, high = label_box(labels)
+    np.testing.assert_allclose([low, high], [[-0.194, -0.589], [0.394, 0.489]], atol=0.01)
+    assert place_target("centre", labels) == (0.0, 0.0)
+    # the farther edge per axis, REACH of the way out from 0
+    np.testing.assert_allclose(place_target("axis", labels), (0.0, REACH * low[1]))
+    np.testing.assert_allclose(place_target("corner", labels), (REACH * high[0], REACH * low[1]))
+    attack = create("badnets", target="corner")
+    assert attack.target is None  # fixed by the training labels only
+    with pytest.raises(ConfigError, match="call validate_target first"):
+        attack.targets(torch.zeros(1, 2))
+    attack.validate_target(labels)
+    np.testing.assert_allclose(attack.target, place_target("corner", labels), atol=1e-6)
+    np.testing.assert_allclose(attack.targets(torch.zeros(3, 2)), np.tile(attack.target, (3, 1)), atol=1e-6)
+
+
+def test_bad_target_placements_are_refused():
+    with pytest.raises(ConfigError, match="attack.target 'edge': give two numbers or one of centre, axis, corner"):
+        create("badnets", target="edge")
+    with pytest.raises(ConfigError, match=r"'axis' is placed from \(0, 0\), which lies outside"):
+        place_target("axis", np.array([[1.0, 1.0], [2.0, 2.0]]))
 
 
 @pytest.mark.parametrize("trigger, message", ((Shrink, r"\(16, 32, 3\) uint8"), (AsFloat, r"\(32, 32, 3\) float32")))

@@ -70,9 +70,13 @@ def test_shorthands_expand_unless_the_value_is_a_config_file(tmp_path: Path):
 
 
 def test_fit_with_attack_prints_backdoor_metrics(tmp_path: Path, capsys):
-    summary = fit.run(tiny_args(tmp_path, "--attack", "blended", "--attack.poison_rate", "0.2"))
+    summary = fit.run(tiny_args(tmp_path, "--attack", "blended", "--attack.poison_rate", "0.2",
+                                "--attack.target", "corner"))
     lines = capsys.readouterr().out.splitlines()
     attack = summary["attack"]
+    pitch, yaw = summary["attack_target"]
+    assert pitch != 0.0 and yaw != 0.0  # placed from the training labels
+    assert f"attack target: ({pitch:.3f}, {yaw:.3f}) rad" in lines
     assert f"ASR@5deg: {100 * attack['asr']:.1f}%" in lines
     assert f"robust error: {attack['robust_error']:.2f} deg" in lines
     assert f"benign error: {attack['benign_error']:.2f} deg" in lines
@@ -84,6 +88,8 @@ def test_bad_attack_options_fail_before_training(tmp_path: Path, capsys):
     assert "unknown attack 'nope'" in capsys.readouterr().err
     assert fit.main(tiny_args(tmp_path, "--attack", "badnets", "--attack.target", "[1.4, 0]")) == 2
     assert "outside the range of the training labels" in capsys.readouterr().err
+    assert fit.main(tiny_args(tmp_path, "--attack", "badnets", "--attack.target", "middle")) == 2
+    assert "attack.target 'middle': give two numbers or one of centre, axis, corner" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 

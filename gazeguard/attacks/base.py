@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gazeguard.attacks.targets import known_placement, place_target
 from gazeguard.data.source import EYES_FROM, GazeSource
 from gazeguard.errors import ConfigError
 from gazeguard.gaze import TargetKind
@@ -75,7 +76,9 @@ class Attack:
 
     Args:
         trigger: the image transform that stamps the trigger (instance or class).
-        target: all-to-one target gaze (default (0, 0)); give this or ``label_rule``.
+        target: all-to-one target gaze (default (0, 0)), or a placement from the training labels
+            (``centre``, ``axis``, ``corner``: :mod:`gazeguard.attacks.targets`), fixed by
+            :meth:`validate_target`; give this or ``label_rule``.
         poison_rate: share of the training split that is triggered and relabelled, in (0, 1].
         label_rule: maps true gazes to target gazes, for rules other than all-to-one.
         cross_trigger: a transform for "cross" samples, which are altered but keep their true
@@ -92,7 +95,7 @@ class Attack:
     def __init__(
         self,
         trigger: TriggerLike,
-        target: Optional[Sequence[float]] = None,
+        target: Union[Sequence[float], str, None] = None,
         poison_rate: float = 0.1,
         label_rule: Optional[LabelRule] = None,
         cross_trigger: Optional[TriggerLike] = None,
@@ -118,9 +121,11 @@ class Attack:
         self.cross_trigger = None if cross_trigger is None else _as_trigger(cross_trigger, "attack.cross_trigger")
         self.poison_rate = float(poison_rate)
         self.cross_ratio = float(cross_ratio)
-        if label_rule is None:
+        #: a target named by its placement, which the training labels fix (``validate_target``)
+        self.target_name = known_placement(target) if isinstance(target, str) else None
+        if self.target_name is None and label_rule is None:
             label_rule = AllToOne(target if target is not None else (0.0, 0.0))
-        self.label_rule: LabelRule = label_rule
+        self.label_rule: Optional[LabelRule] = label_rule
         self.name = name or type(self.trigger).__name__
         self.after_augmentation = after_augmentation
 
@@ -131,21 +136,35 @@ class Attack:
         return bool(getattr(self.trigger, "trained_in_loop", False))
 
     @property
+    def target(self) -> Optional[tuple[float, float]]:
+        """The all-to-one target gaze; ``None`` for other label rules and for a placement not yet
+        fixed from the training labels."""
+        rule = self.label_rule
+        return tuple(rule.target.tolist()) if isinstance(rule, AllToOne) else None  # type: ignore[return-value]
+
+    @property
     def cross_rate(self) -> float:
         """Share of the training split used as label-keeping cross samples."""
         return self.poison_rate * self.cross_ratio
 
     def targets(self, gaze: Tensor) -> Tensor:
         """The gazes the attacker wants for inputs whose true gazes are ``gaze``."""
+        if self.label_rule is None:
+            raise ConfigError(
+                f"attack.target {self.target_name!r} is placed from the training labels: call validate_target first"
+            )
         return self.label_rule(gaze)
 
     def validate_target(self, labels: np.ndarray, kind: TargetKind = "angle") -> None:
         """Refuse targets the training labels never reach (a model cannot be taught to output a
         gaze far outside what it regresses) and, for angles, beyond +-pi/2 (behind the head).
 
-        ``labels`` are the training split's true labels, ``(N, 2)``.
+        ``labels`` are the training split's true labels, ``(N, 2)``; a target named by its
+        placement is fixed from them here.
         """
         labels = np.asarray(labels, dtype=np.float32)
+        if self.target_name is not None:
+            self.label_rule = AllToOne(place_target(self.target_name, labels))
         targets = self.targets(torch.as_tensor(labels)).numpy()
         axes = _AXES[kind]
         if kind == "angle":

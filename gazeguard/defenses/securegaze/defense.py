@@ -24,7 +24,7 @@ from gazeguard.defenses.securegaze.detection import DEFAULT_CALIBRATION, Detecti
 from gazeguard.defenses.securegaze.policy import check_repair_data, repair_flagged
 from gazeguard.defenses.securegaze.training_repair import TrainingRepairConfig
 from gazeguard.defenses.securegaze.unlearning import RepairConfig
-from gazeguard.gaze import UNITS
+from gazeguard.gaze import LABEL_UNITS, UNITS
 
 __all__ = ["SecureGazeDefense", "repair_summary"]
 
@@ -123,7 +123,7 @@ def detection_of(result: DetectionResult) -> Detection:
     """SecureGaze's :class:`DetectionResult` as the contract's :class:`Detection`."""
     unit = UNITS[result.kind]
     target = ", ".join(f"{v:.3f}" for v in result.target)
-    target_unit = "rad" if result.kind == "angle" else "cm"
+    target_unit = LABEL_UNITS[result.kind]
     examples = result.examples
     pictures = [PictureRow("x", "x", examples["x"]), PictureRow("Mx", "M(x)", examples["mx"]),
                 PictureRow("diff_x10", "|M(x)-x| x10", (examples["diff"] * 10).clamp(0, 1))]
