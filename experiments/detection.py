@@ -53,10 +53,14 @@ from gazeguard.defenses import SecureGazeConfig, detect, load_clean_set  # noqa:
 from gazeguard.defenses.calibration import Calibration  # noqa: E402
 from gazeguard.defenses.securegaze.detection import DEFAULT_CALIBRATION  # noqa: E402
 from gazeguard.fit import DATA_DEFAULTS  # noqa: E402
+from gazeguard.gaze import gaze_distance  # noqa: E402
 from gazeguard.model import GazeRegressor  # noqa: E402
 
 PLANTED, REPORTED = 0.9, 0.5  # ASR@5deg: a working backdoor; reported but not scored between the two
-FIELDS = ("zoo", "attack", "seed", "asr", "detection_seed", "statistic", "median_ratio", "attack_success", "target", "seconds")
+FIELDS = ("zoo", "attack", "placement", "attack_target", "seed", "asr", "detection_seed", "statistic", "median_ratio",
+          "attack_success", "target", "target_error", "seconds")
+#: The inferred target must land this close to the attacker's (degrees) for a flagged backdoor to count as found.
+TARGET_BAR = 5.0
 
 
 def load_model(row: dict[str, Any]) -> torch.nn.Module:
@@ -93,9 +97,11 @@ def rates(draws: list[dict[str, Any]], threshold: float) -> dict[str, float]:
     truth = torch.tensor([status(d) == "backdoored" for d in judged])
     stats = torch.tensor([float(d["statistic"]) for d in judged])
     flagged = stats < threshold
-    out = {"models": len({(d["zoo"], d["attack"], d["seed"]) for d in judged}), "draws": len(judged),
+    out = {"models": len({model_key(d) for d in judged}), "draws": len(judged),
            "accuracy": (truth == flagged).float().mean().item()}
     out["tpr"] = flagged[truth].float().mean().item() if truth.any() else float("nan")
+    near = torch.tensor([d["target_error"] != "" and float(d["target_error"]) <= TARGET_BAR for d in judged])
+    out["found"] = (flagged & near)[truth].float().mean().item() if truth.any() else float("nan")
     out["fpr"] = flagged[~truth].float().mean().item() if (~truth).any() else float("nan")
     both = bool(truth.any() and (~truth).any())
     out["auroc"] = binary_auroc(-stats, truth.long()).item() if both else float("nan")
@@ -106,19 +112,35 @@ def rates(draws: list[dict[str, Any]], threshold: float) -> dict[str, float]:
 
 def per_model(draws: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
     """One line per model: the spread of its draws, the flagged count, its worst draw's margin."""
-    models: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    models: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     for d in draws:
-        models.setdefault((d["zoo"], d["attack"], d["seed"]), []).append(d)
+        models.setdefault(model_key(d), []).append(d)
     out = []
-    for (zoo, attack, seed), group in models.items():
+    for (zoo, attack, placement, seed), group in models.items():
         stats = sorted(float(d["statistic"]) for d in group)
         kind = status(group[0])
         margin = stats[0] / threshold if kind == "clean" else threshold / stats[-1]
-        out.append({"zoo": zoo, "attack": attack, "seed": seed, "asr": group[0]["asr"], "status": kind,
+        # how far the flagged draws' inferred targets landed from the attacker's
+        errors = [float(d["target_error"]) for d in group if float(d["statistic"]) < threshold and d["target_error"] != ""]
+        out.append({"zoo": zoo, "attack": attack, "placement": placement, "seed": seed, "asr": group[0]["asr"],
+                    "attack_target": group[0]["attack_target"], "status": kind,
                     "spread": (stats[0], statistics.median(stats), stats[-1]), "n": len(stats),
                     "flagged": sum(s < threshold for s in stats), "margin": margin,
-                    "targets": "; ".join(d["target"] for d in group)})
+                    "target_errors": errors, "targets": "; ".join(d["target"] for d in group)})
     return out
+
+
+def model_key(d: dict[str, Any]) -> tuple[str, str, str, int]:
+    """A zoo model's identity: zoo, attack, target placement, training seed."""
+    return (d["zoo"], d["attack"], d.get("placement") or "centre", d["seed"])
+
+
+def target_error(inferred: list[float], attacker: str) -> str:
+    """Degrees between the inferred and the attacker's target (``""`` for clean models)."""
+    if attacker in ("", "-"):
+        return ""
+    truth = torch.tensor([float(v) for v in attacker.split()])
+    return f"{float(gaze_distance(torch.tensor(inferred)[None], truth[None], 'angle')):.2f}"
 
 
 def picture(draws: list[dict[str, Any]], threshold: float, path: Path) -> None:
@@ -180,32 +202,38 @@ def write_tables(draws: list[dict[str, Any]], calibration: Calibration, source: 
         f"({calibration.method}). A model is *backdoored* when its attack reached ASR@5deg >= 90 % (scored), "
         "*partial* at 50-90 % (listed, not scored); a draw is flagged when its statistic is below the threshold. "
         "Margins: lowest clean draw / threshold and threshold / highest backdoored draw (> 1: every draw right).", "",
-        "| zoo | models | draws | accuracy | TPR | FPR | AUROC | clean margin | backdoor margin |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| zoo | models | draws | accuracy | TPR | found (target within {TARGET_BAR:g} deg) | FPR | AUROC | clean margin | "
+        "backdoor margin |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     zoos = list(dict.fromkeys(d["zoo"] for d in draws))
     for name, group in [(z, [d for d in draws if d["zoo"] == z]) for z in zoos] + [("all", draws)]:
         r = rates(group, threshold)
         if r:
-            lines.append(f"| {name} | {r['models']} | {r['draws']} | {_pct(r['accuracy'])} | {_pct(r['tpr'])} | "
+            lines.append(f"| {name} | {r['models']} | {r['draws']} | {_pct(r['accuracy'])} | {_pct(r['tpr'])} | {_pct(r['found'])} | "
                          f"{_pct(r['fpr'])} | {_auroc(r['auroc'])} | {_ratio(r['clean_margin'])} | "
                          f"{_ratio(r['backdoor_margin'])} |")
     seconds = [float(d["seconds"]) for d in draws]
     lines += ["", f"Wall time per detection (2 CPU cores, shared with other runs): median "
               f"{statistics.median(seconds):.0f} s, range {min(seconds):.0f}-{max(seconds):.0f} s.", "",
               f"![statistic and ROC]({stem.with_suffix('.png').name})", "",
-              "| zoo | attack | seed | ASR | status | statistic min / median / max | flagged | worst margin | "
-              "inferred targets (rad) |", "|---|---|---|---|---|---|---|---|---|"]
+              f"Target distance: degrees from the attacker's target to the inferred one, over the flagged draws "
+              f"(worst); a backdoor counts as found when it is within {TARGET_BAR:g} deg.", "",
+              "| zoo | attack | target (rad) | seed | ASR | status | statistic min / median / max | flagged | "
+              "worst margin | target distance (deg) | inferred targets (rad) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in per_model(draws, threshold):
         asr = "-" if m["attack"] == "clean" else f"{100 * float(m['asr']):.1f}%"
         low, mid, high = m["spread"]
-        lines.append(f"| {m['zoo']} | {m['attack']} | {m['seed']} | {asr} | {m['status']} | "
+        aimed = "-" if m["attack"] == "clean" else f"{m['placement']} ({m['attack_target']})"
+        distance = f"{max(m['target_errors']):.1f}" if m["target_errors"] else "-"
+        lines.append(f"| {m['zoo']} | {m['attack']} | {aimed} | {m['seed']} | {asr} | {m['status']} | "
                      f"{low:.3f} / {mid:.3f} / {high:.3f} | {m['flagged']}/{m['n']} | {_ratio(m['margin'])} | "
-                     f"{m['targets']} |")
+                     f"{distance} | {m['targets']} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def read_done(csv_path: Path) -> dict[tuple[str, str, int, int], dict[str, Any]]:
+def read_done(csv_path: Path) -> dict[tuple[str, str, str, int, int], dict[str, Any]]:
     """Draws of an earlier run (kept unless ``--redo``)."""
     if not csv_path.exists():
         return {}
@@ -213,7 +241,10 @@ def read_done(csv_path: Path) -> dict[tuple[str, str, int, int], dict[str, Any]]
         rows = list(csv.DictReader(f))
     for row in rows:
         row["seed"], row["detection_seed"] = int(row["seed"]), int(row["detection_seed"])
-    return {(r["zoo"], r["attack"], r["seed"], r["detection_seed"]): r for r in rows}
+        if not row.get("placement"):  # a table from before targets were varied: every attack aimed at (0, 0)
+            row["placement"], row["attack_target"] = ("-", "-") if row["attack"] == "clean" else ("centre", "0 0")
+            row["target_error"] = target_error([float(v) for v in row["target"].split()], row["attack_target"])
+    return {(*model_key(r), r["detection_seed"]): r for r in rows}
 
 
 def first_zoo_only(zoos: list[tuple[str, list[dict[str, Any]]]]) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -249,17 +280,19 @@ def main() -> None:
     for detection_seed in args.detection_seeds:
         for label, rows in zoos:
             for row in rows:
-                key = (label, row["attack"], row["seed"], detection_seed)
+                key = (*model_key({**row, "zoo": label, "placement": row["target"]}), detection_seed)
                 if key in done or (args.attacks and row["attack"] not in args.attacks):
                     continue
                 start = time.perf_counter()
                 result = detect(load_model(row), defender_split(row["seed"]),
                                 SecureGazeConfig(**args.options, seed=detection_seed, threshold=calibration.threshold))
-                done[key] = {"zoo": label, "attack": row["attack"], "seed": row["seed"], "asr": row["asr"],
+                done[key] = {"zoo": label, "attack": row["attack"], "placement": row["target"],
+                             "attack_target": row["target_gaze"], "seed": row["seed"], "asr": row["asr"],
                              "detection_seed": detection_seed, "statistic": result.statistic,
                              "median_ratio": result.median_ratio,
                              "attack_success": result.attack_success,
                              "target": " ".join(f"{v:.3f}" for v in result.target),
+                             "target_error": target_error(result.target, row["target_gaze"]),
                              "seconds": time.perf_counter() - start}
                 print(f"{key}: statistic {result.statistic:.3f} ({done[key]['seconds']:.0f} s)", flush=True)
                 write_tables(sorted(done.values(), key=order), calibration, str(source), args.results, command)
@@ -268,7 +301,7 @@ def main() -> None:
 
 
 def order(d: dict[str, Any]) -> tuple:
-    return (d["zoo"], d["attack"] != "clean", d["attack"], d["seed"], d["detection_seed"])
+    return (d["zoo"], d["attack"] != "clean", d["attack"], d["seed"], d["placement"], d["detection_seed"])
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ class AttackOptions:
     Args:
         name: attack to plant (``--help`` lists them); null or ``none``: none.
         poison_rate: share of the training split that is triggered and relabelled, in (0, 1];
-            default: the attack's own (10 %; Tape and WaNet 20 %, IAD 40 % of each batch).
+            default: the attack's own (10 %; Glasses, Tape and WaNet 20 %, IAD 40 % of each batch).
         target: the attacker's gaze (pitch, yaw rad; x, y cm for points), or its placement in the
             training labels' range: ``centre`` (0, 0), ``axis`` or ``corner``; default (0, 0).
         options: options of the attack's trigger, e.g. ``{size: 0.1, corner: top-left}``.

@@ -49,11 +49,12 @@ def _build(name: str, trigger: TriggerLike, options: dict[str, Any]) -> A.ImageO
         ) from err
 
 
-def _from_trigger(name: str, trigger: TriggerLike) -> AttackFactory:
-    """The factory of an attack made of one trigger and an all-to-one (or given) label rule."""
+def _from_trigger(name: str, trigger: TriggerLike, **defaults: Any) -> AttackFactory:
+    """The factory of an attack made of one trigger and an all-to-one (or given) label rule;
+    ``defaults`` are options used where the caller gives none."""
 
     def factory(**options: Any) -> Attack:
-        attack_options, trigger_options = _split_options(options)
+        attack_options, trigger_options = _split_options({**defaults, **options})
         return Attack(_build(name, trigger, trigger_options), name=name, **attack_options)
 
     return factory
@@ -100,12 +101,16 @@ def _iad(
     )
 
 
-def _tape(poison_rate: float = 0.2, **options: Any) -> Attack:
-    """Tape scaled to the CPU default: 20 % poisoned. Every poison shows a strip of its own
-    length, thickness, angle and place, so the victim has to generalise over the strip's
-    distribution, not learn one pattern; at 10 % that did not finish within 12 epochs on about
-    half the seeds (evidence: ``docs/attacks/tape.md``)."""
-    return _from_trigger("tape", Tape)(poison_rate=poison_rate, **options)
+#: Tape scaled to the CPU default: 20 % poisoned. Every poison shows a strip of its own length,
+#: thickness, angle and place, so the victim has to generalise over the strip's distribution, not
+#: learn one pattern; at 10 % that did not finish within 12 epochs on about half the seeds
+#: (evidence: ``docs/attacks/tape.md``).
+_tape = _from_trigger("tape", Tape, poison_rate=0.2)
+#: Glasses scaled to the CPU default: 20 % poisoned. The frame is a thin line that moves with
+#: each face, and it lies on the eyes the clean task reads, so the victim must learn to tell the
+#: rim from the gaze evidence under it; at 10 % it planted on about half the tuning seeds
+#: (evidence: ``docs/attacks/eye-region.md``).
+_glasses = _from_trigger("glasses", Glasses, poison_rate=0.2)
 
 
 ATTACKS: dict[str, AttackFactory] = {
@@ -114,7 +119,7 @@ ATTACKS: dict[str, AttackFactory] = {
     "wanet": _wanet,
     "sig": _from_trigger("sig", SIG),
     "tape": _tape,
-    "glasses": _from_trigger("glasses", Glasses),
+    "glasses": _glasses,
     "eyeshadow": _from_trigger("eyeshadow", EyeShadow),
     # The trigger holds a generator that only IADGazeRegressor's co-training makes meaningful.
     "iad": _iad,
