@@ -114,7 +114,7 @@ def test_eye_triggers_need_eye_positions_and_say_so_before_training(tmp_path: Pa
 
 def test_a_trigger_reaching_off_the_image_is_refused_naming_its_options(tmp_path: Path):
     near_edge = np.array([[3.0, 30.0], [23.0, 30.0]], np.float32)
-    with pytest.raises(ConfigError, match=r"Glasses \(lens_width 0.9, lens_height 0.6, thickness 0.08\) reaches off "
+    with pytest.raises(ConfigError, match=r"Glasses \(lens_width 0.9, lens_height 0.6, thickness 0.15\) reaches off "
                                           r"the 32 px image on \d+ of \d+ training faces"):
         poisoned(eyes_h5(tmp_path, near_edge, "edge.h5"), "glasses").setup()
     poisoned(eyes_h5(tmp_path, EYES), "glasses").setup()  # the same options fit a centred face

@@ -131,6 +131,28 @@ def test_generator_shared_pattern_paints_every_image_alike_outside_protected_pix
     assert TriggerGenerator().pattern is None
 
 
+def test_blind_generator_paints_protected_pixels_without_seeing_them() -> None:
+    """Blind, M may change protected pixels, but what it paints cannot depend on what they show:
+    two images that differ only there get the same change (in logit space)."""
+    x = torch.rand(2, 3, 16, 16)
+    protect = torch.zeros(2, 1, 16, 16)
+    protect[..., 4:8, 4:12] = 1
+    y = x.clone()
+    y[..., 4:8, 4:12] = torch.rand(2, 3, 4, 8)  # other "eyes"
+    gen = TriggerGenerator(blind=True)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.normal_(0, 1.0)
+        change_x = torch.logit(gen(x, protect)) - torch.logit(x.clamp(1e-4, 1 - 1e-4))
+        change_y = torch.logit(gen(y, protect)) - torch.logit(y.clamp(1e-4, 1 - 1e-4))
+    torch.testing.assert_close(change_x, change_y, atol=1e-3, rtol=1e-3)  # float32 sigmoid near 0 and 1
+    assert change_x[..., 4:8, 4:12].abs().mean() > 0.1  # protected pixels are painted
+    sighted = TriggerGenerator()
+    sighted.load_state_dict(gen.state_dict())
+    with torch.no_grad():
+        assert (sighted(x, protect) - x)[..., 4:8, 4:12].abs().max() <= 2e-4  # the default keeps them
+
+
 def test_generator_flow_moves_pixels_by_at_most_max_shift() -> None:
     """A constant flow of tanh^-1(0.5) on x, with ``max_shift`` 2, reads each pixel from one
     pixel to its right; the residual head is still zero, so nothing is painted."""

@@ -29,7 +29,10 @@ pattern then learns to paint; clean models, with no switch, end where they would
 statistic is taken on M alone, with no texture. Measurements: ``docs/securegaze.md``.
 
 Limits: a trigger that works only on the eyes (eyeglasses, iris colour) lies inside the
-protected region and is hidden from M. The statistic is one draw of M: it depends on M's seed
+protected region and is hidden from M. ``blind`` (with ``explore_protected`` and a
+``protect_budget``) lets M edit the eyes without seeing them: an edit placed from the face that
+cannot follow each iris, so it can draw a trigger but not re-aim a clean model's gaze; it is
+measured on tuning models only and off by default. The statistic is one draw of M: it depends on M's seed
 and on the number of CPU threads (floating-point order), so the threshold (the geometric middle
 of clean and backdoored statistics on calibration models) holds where it was calibrated. The
 evidence behind every default, the threshold's history and its margins: ``docs/securegaze.md``.
@@ -121,8 +124,15 @@ class SecureGazeConfig:
         shared_warp: side of the control grid of one image-independent warp M also applies,
             protected pixels included, bounded by ``generator_shift`` (0: none; see
             :class:`TriggerGenerator`).
+        blind: M may also change the protected pixels, with what it computes from the image with
+            those pixels hidden (filled with its mean unprotected colour): an edit placed from the
+            face's geometry, which cannot read the gaze evidence it paints over (for triggers on
+            the eyes; see :class:`TriggerGenerator`).
+        protect_budget: with ``blind``, the largest mean absolute change M may make on the
+            protected pixels (a hinge weighted by ``lambda_s``, like ``budget``).
         explore: strength of the random texture M's input starts blended with, on unprotected
             pixels (0: none, 1: the texture replaces them); it fades linearly to 0.
+        explore_protected: blend the texture over the protected pixels too.
         explore_steps: share of ``steps`` over which the texture fades out.
         explore_cell: side of the texture's black and white cells, as a share of the shorter
             image side (2 px at 64 px).
@@ -149,6 +159,9 @@ class SecureGazeConfig:
     generator_shift: float = 2.0
     shared_pattern: bool = True
     shared_warp: int = 0
+    blind: bool = False
+    protect_budget: float = 1.0
+    explore_protected: bool = False
     explore: float = 0.5
     explore_steps: float = 0.5
     explore_cell: float = 1 / 32
@@ -156,7 +169,7 @@ class SecureGazeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("steps", "lr", "batch_size", "budget", "generator_width", "min_clean")
+        positive = ("steps", "lr", "batch_size", "budget", "protect_budget", "generator_width", "min_clean")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"securegaze.{name} must be positive, got {getattr(self, name)}")
@@ -411,14 +424,19 @@ def optimise_generator(
         xb = x[idx]
         strength = config.explore * max(0.0, 1.0 - step / fade)
         if texture is not None and strength > 0:
-            xb = xb + strength * (1 - protect[idx]) * (texture - xb)
+            xb = xb + strength * (1 if config.explore_protected else 1 - protect[idx]) * (texture - xb)
         mx = generator(xb, protect[idx])
         feat = split.features(mx)
         out = split.head(feat)
         l_out = output_variance_ratio(out, out_ref_var)
         l_feat = feature_variance_ratio(feat, feat_ref_var)
-        dist = (mx - generator.warped(xb)).abs().mean()
+        change = (mx - generator.warped(xb)).abs()
+        dist = change.mean()
         loss = l_out + config.lambda_f * l_feat + config.lambda_s * F.relu(dist - config.budget)
+        if config.blind:
+            pb = protect[idx]
+            inside = (change * pb).sum() / (pb.sum() * change.shape[1]).clamp_min(1.0)
+            loss = loss + config.lambda_s * F.relu(inside - config.protect_budget)
         if not torch.isfinite(loss):
             raise NonFiniteOutputError(
                 f"SecureGaze's loss became NaN/inf at step {step}; the model may overflow on modified "
@@ -470,7 +488,7 @@ def detect(
         generator = TriggerGenerator(
             x_fit.shape[1], config.generator_width, max_shift=config.generator_shift,
             pattern_size=tuple(x_fit.shape[-2:]) if config.shared_pattern else None,
-            warp_grid=config.shared_warp,
+            warp_grid=config.shared_warp, blind=config.blind,
         ).to(device)
         trigger = ReverseEngineeredTrigger(generator, split, config)
         protect_fit = torch.cat([trigger.protect(xb) for xb in x_fit.split(eval_bs)])

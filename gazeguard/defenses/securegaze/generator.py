@@ -70,11 +70,13 @@ class TriggerGenerator(nn.Module):
         pattern_size: ``(height, width)`` of the images, for a shared pattern (``None``: none).
         warp_grid: side of the shared warp's control grid (0: no shared warp; needs
             ``max_shift`` > 0, its bound).
+        blind: let the residual change protected pixels too, computed from an input in which
+            they are hidden (filled with the image's mean unprotected colour).
     """
 
     def __init__(
         self, channels: int = 3, width: int = 8, eps: float = 1e-4, max_shift: float = 0.0,
-        pattern_size: Optional[tuple[int, int]] = None, warp_grid: int = 0,
+        pattern_size: Optional[tuple[int, int]] = None, warp_grid: int = 0, blind: bool = False,
     ) -> None:
         super().__init__()
         if max_shift < 0:
@@ -83,6 +85,7 @@ class TriggerGenerator(nn.Module):
             raise ValueError(f"warp_grid must be >= 0 and needs max_shift > 0, got {warp_grid} with {max_shift}")
         self.eps = eps
         self.max_shift = float(max_shift)
+        self.blind = blind
         w1, w2, w3 = width, 2 * width, 4 * width
         self.enc1 = _block(channels, w1, 1)
         self.enc2 = _block(w1, w2, 2)
@@ -137,9 +140,13 @@ class TriggerGenerator(nn.Module):
         along the change M learned (repair uses this to unlearn stronger versions of a partly
         recovered trigger).
         """
-        features = self._decode(x)
-        r = self._residual(features) * strength
         keep = None if protect is None else 1 - protect
+        seen = x
+        if self.blind and keep is not None:
+            fill = (x * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp_min(1.0)
+            seen = x * keep + fill * protect
+        features = self._decode(seen)
+        r = self._residual(features) * strength
         if self.flow is not None:
             # at most max_shift pixels per axis (tanh-bounded); none where pixels are protected
             shift = torch.tanh(self.flow(features) * strength) * self.max_shift
@@ -148,7 +155,7 @@ class TriggerGenerator(nn.Module):
             if self.warp is not None:
                 shift = shift + self.shared_shift(x.shape[-2:], strength)
             x = shift_image(x, shift)
-        if keep is not None:
+        if keep is not None and not self.blind:
             r = r * keep
         return torch.sigmoid(torch.logit(x.clamp(self.eps, 1 - self.eps)) + r)
 
