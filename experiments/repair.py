@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 from attacks import RESULTS, load_rows  # noqa: E402  (experiments/attacks.py)
-from detection import PLANTED, defender_split, first_zoo_only, target_error  # noqa: E402
+from detection import PLANTED, defender_split, first_zoo_only, read_done, target_error  # noqa: E402
 
 from gazeguard.attacks import IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
 from gazeguard.attacks.metrics import evaluator_for
@@ -143,19 +143,9 @@ def write_tables(draws: list[dict[str, Any]], stem: Path, command: str) -> None:
             f"{d['verification']} | {_change(d, 'benign', '{:.2f}')} | {_change(d, 'asr', '{:.1%}')} | "
             f"{_change(d, 'robust', '{:.2f}')} | {float(d['yardstick']):.2f} | {ratio} | {d['bars']} |")
     seconds = [float(d["seconds"]) for d in draws]
-    lines += ["", f"Wall time per draw (detection, repair, the check after it and the evaluations; 2 CPU cores, shared with other runs): "
-              f"median {statistics.median(seconds):.0f} s, range {min(seconds):.0f}-{max(seconds):.0f} s."]
+    lines += ["", "Wall time per draw (detection, repair, the check after it and the evaluations; 2 CPU cores, "
+              f"shared with other runs): median {statistics.median(seconds):.0f} s, range {min(seconds):.0f}-{max(seconds):.0f} s."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-
-def read_done(csv_path: Path) -> dict[tuple[str, str, str, int, int], dict[str, Any]]:
-    if not csv_path.exists():
-        return {}
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        row["seed"], row["detection_seed"] = int(row["seed"]), int(row["detection_seed"])
-    return {(r["zoo"], r["attack"], r["placement"], r["seed"], r["detection_seed"]): r for r in rows}
 
 
 def main() -> None:
