@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from attacks import RESULTS, load_rows  # noqa: E402  (experiments/attacks.py)
 from torchmetrics.functional.classification import binary_auroc, binary_roc  # noqa: E402
 
-from gazeguard.attacks import IADGazeRegressor, create  # noqa: E402
+from gazeguard.attacks import Attack, IADGazeRegressor, create  # noqa: E402
 from gazeguard.data import GazeDataModule  # noqa: E402
 from gazeguard.defenses import SecureGazeConfig, detect, load_clean_set  # noqa: E402
 from gazeguard.defenses.calibration import Calibration  # noqa: E402
@@ -63,14 +63,17 @@ FIELDS = ("zoo", "attack", "placement", "attack_target", "seed", "asr", "detecti
 TARGET_BAR = 5.0
 
 
-def load_model(row: dict[str, Any]) -> torch.nn.Module:
-    """The zoo model of ``row``; for IAD, the victim inside the co-trained module."""
+def load_model(row: dict[str, Any]) -> tuple[torch.nn.Module, Attack]:
+    """The zoo model of ``row`` and the attack it was trained with (for IAD: the victim inside
+    the co-trained module, and its co-trained trigger)."""
     if row["attack"] == "iad":
         checkpoint = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)
-        module = IADGazeRegressor(GazeRegressor(), create("iad", **checkpoint["hyper_parameters"]))
-        module.load_state_dict(checkpoint["state_dict"])
-        return module.victim.eval()
-    return GazeRegressor.load_from_checkpoint(row["checkpoint"], map_location="cpu").eval()
+        attack = create("iad", **checkpoint["hyper_parameters"])
+        module = IADGazeRegressor(GazeRegressor(), attack)
+        module.load_state_dict(checkpoint["state_dict"])  # the trigger's generator is the module's
+        return module.victim.eval(), attack
+    model = GazeRegressor.load_from_checkpoint(row["checkpoint"], map_location="cpu").eval()
+    return model, create(row["attack"], target=row["target"]) if row["attack"] != "clean" else None
 
 
 def defender_split(seed: int) -> Any:
@@ -284,7 +287,7 @@ def main() -> None:
                 if key in done or (args.attacks and row["attack"] not in args.attacks):
                     continue
                 start = time.perf_counter()
-                result = detect(load_model(row), defender_split(row["seed"]),
+                result = detect(load_model(row)[0], defender_split(row["seed"]),
                                 SecureGazeConfig(**args.options, seed=detection_seed, threshold=calibration.threshold))
                 done[key] = {"zoo": label, "attack": row["attack"], "placement": row["target"],
                              "attack_target": row["target_gaze"], "seed": row["seed"], "asr": row["asr"],

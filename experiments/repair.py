@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from attacks import RESULTS, load_rows  # noqa: E402  (experiments/attacks.py)
-from detection import PLANTED, defender_split, first_zoo_only, read_done, target_error  # noqa: E402
+from detection import PLANTED, defender_split, first_zoo_only, load_model, read_done, target_error  # noqa: E402
 
-from gazeguard.attacks import IADGazeRegressor, PoisonedDataModule, create, evaluate_attack
+from gazeguard.attacks import PoisonedDataModule, evaluate_attack
 from gazeguard.attacks.metrics import evaluator_for
 from gazeguard.data import GazeDataModule
 from gazeguard.defenses import DefenseData, SecureGazeConfig
@@ -47,17 +46,6 @@ FIELDS = ("zoo", "attack", "placement", "attack_target", "seed", "detection_seed
 ASR_BAR, BENIGN_BAR, ROBUST_FACTOR = 0.05, 0.5, 1.5
 
 
-def model_and_attack(row: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
-    """The zoo model of ``row`` and the attack it was trained with (IAD: its co-trained trigger)."""
-    if row["attack"] == "iad":
-        checkpoint = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)
-        module = IADGazeRegressor(GazeRegressor(), create("iad", **checkpoint["hyper_parameters"]))
-        module.load_state_dict(checkpoint["state_dict"])
-        return module.victim.eval(), module.attack
-    model = GazeRegressor.load_from_checkpoint(row["checkpoint"], map_location="cpu").eval()
-    return model, create(row["attack"], target=row["target"])
-
-
 def poisoned_data(seed: int, attack: Any) -> PoisonedDataModule:
     """The poisoned data module ``fit --seed seed --attack ...`` trained on (fit's data defaults)."""
     options = {key.removeprefix("data."): value for key, value in DATA_DEFAULTS.items()}
@@ -69,7 +57,7 @@ def poisoned_data(seed: int, attack: Any) -> PoisonedDataModule:
 def judge(row: dict[str, Any], clean: Optional[dict[str, Any]], detection_seed: int) -> dict[str, Any]:
     """One draw: run the defense as fit does and measure the bars against the yardstick."""
     start = time.perf_counter()
-    model, attack = model_and_attack(row)
+    model, attack = load_model(row)
     data = poisoned_data(row["seed"], attack)
     defense = SecureGazeDefense(detection=SecureGazeConfig(seed=detection_seed))
     inputs = DefenseData(clean=defender_split(row["seed"]), train=data.split_dataset("train"))

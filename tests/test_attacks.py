@@ -228,6 +228,16 @@ def test_targets_are_placed_in_the_label_box():
     np.testing.assert_allclose(attack.targets(torch.zeros(3, 2)), np.tile(attack.target, (3, 1)), atol=1e-6)
 
 
+def test_a_label_rule_held_before_the_target_is_placed_aims_at_it():
+    """IAD's module keeps the attack's label rule from its construction, before the data module
+    places the target: the rule it holds must be the placed one."""
+    attack = create("iad", target="axis")
+    rule = attack.label_rule
+    attack.validate_target(np.array([[-0.3, -0.5], [0.3, 0.5]]))
+    np.testing.assert_allclose(rule(torch.zeros(2, 2)), np.tile(attack.target, (2, 1)))
+    assert attack.target[1] != 0.0
+
+
 def test_bad_target_placements_are_refused():
     with pytest.raises(ConfigError, match="attack.target 'edge': give two numbers or one of centre, axis, corner"):
         create("badnets", target="edge")

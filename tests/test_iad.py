@@ -250,6 +250,10 @@ def test_the_recipe_is_recorded_as_hyperparameters():
     reference = IADGazeRegressor(GazeRegressor(), Attack(IADTrigger(), name="iad"))
     assert reference.hparams.mask_norm == "pixel" and not reference.hparams.anneal_with_victim
     assert module.hparams.cross_rate == 0.0 and create("iad").poison_rate == 0.4
+    # the target too, so that the attack rebuilt from a checkpoint aims where it was trained
+    assert module.hparams.target == [0.0, 0.0]
+    placed = IADGazeRegressor(GazeRegressor(), create("iad", target="corner"))
+    assert placed.hparams.target == "corner"
 
 
 def test_wrapping_refuses_other_attacks():

@@ -35,19 +35,35 @@ class AllToOne:
     """All-to-one label rule: every triggered input should map to one fixed ``target`` gaze.
 
     The SecureGaze threat model: (0, 0) rad is "looking at the camera", (0, 0) cm "at the
-    screen centre".
+    screen centre". ``target`` may also name a placement in the training labels' range
+    (``centre``, ``axis``, ``corner``: :mod:`gazeguard.attacks.targets`), which :meth:`place`
+    fixes once the labels are known; whoever holds the rule by then sees the fixed target.
     """
 
-    def __init__(self, target: Sequence[float] = (0.0, 0.0)) -> None:
-        values = np.asarray(target, dtype=np.float64).reshape(-1)
-        if values.shape != (2,) or not np.isfinite(values).all():
-            raise ConfigError(f"attack.target must be two finite numbers (pitch, yaw or x, y), got {target!r}")
-        self.target = torch.as_tensor(values, dtype=torch.float32)
+    def __init__(self, target: Union[Sequence[float], str] = (0.0, 0.0)) -> None:
+        self.placement = known_placement(target) if isinstance(target, str) else None
+        self.target: Optional[Tensor] = None
+        if self.placement is None:
+            values = np.asarray(target, dtype=np.float64).reshape(-1)
+            if values.shape != (2,) or not np.isfinite(values).all():
+                raise ConfigError(f"attack.target must be two finite numbers (pitch, yaw or x, y), got {target!r}")
+            self.target = torch.as_tensor(values, dtype=torch.float32)
+
+    def place(self, labels: np.ndarray) -> None:
+        """Fix a target named by its placement from the training labels ``(N, 2)``."""
+        if self.placement is not None:
+            self.target = torch.as_tensor(place_target(self.placement, labels), dtype=torch.float32)
 
     def __call__(self, gaze: Tensor) -> Tensor:
+        if self.target is None:
+            raise ConfigError(
+                f"attack.target {self.placement!r} is placed from the training labels: call validate_target first"
+            )
         return self.target.to(gaze).expand_as(gaze).clone()
 
     def __repr__(self) -> str:
+        if self.target is None:
+            return f"AllToOne(target={self.placement!r})"
         return f"AllToOne(target={tuple(round(v, 6) for v in self.target.tolist())})"
 
 
@@ -121,11 +137,9 @@ class Attack:
         self.cross_trigger = None if cross_trigger is None else _as_trigger(cross_trigger, "attack.cross_trigger")
         self.poison_rate = float(poison_rate)
         self.cross_ratio = float(cross_ratio)
-        #: a target named by its placement, which the training labels fix (``validate_target``)
-        self.target_name = known_placement(target) if isinstance(target, str) else None
-        if self.target_name is None and label_rule is None:
+        if label_rule is None:
             label_rule = AllToOne(target if target is not None else (0.0, 0.0))
-        self.label_rule: Optional[LabelRule] = label_rule
+        self.label_rule: LabelRule = label_rule
         self.name = name or type(self.trigger).__name__
         self.after_augmentation = after_augmentation
 
@@ -140,7 +154,9 @@ class Attack:
         """The all-to-one target gaze; ``None`` for other label rules and for a placement not yet
         fixed from the training labels."""
         rule = self.label_rule
-        return tuple(rule.target.tolist()) if isinstance(rule, AllToOne) else None  # type: ignore[return-value]
+        if not isinstance(rule, AllToOne) or rule.target is None:
+            return None
+        return tuple(rule.target.tolist())  # type: ignore[return-value]
 
     @property
     def cross_rate(self) -> float:
@@ -149,10 +165,6 @@ class Attack:
 
     def targets(self, gaze: Tensor) -> Tensor:
         """The gazes the attacker wants for inputs whose true gazes are ``gaze``."""
-        if self.label_rule is None:
-            raise ConfigError(
-                f"attack.target {self.target_name!r} is placed from the training labels: call validate_target first"
-            )
         return self.label_rule(gaze)
 
     def validate_target(self, labels: np.ndarray, kind: TargetKind = "angle") -> None:
@@ -163,8 +175,8 @@ class Attack:
         placement is fixed from them here.
         """
         labels = np.asarray(labels, dtype=np.float32)
-        if self.target_name is not None:
-            self.label_rule = AllToOne(place_target(self.target_name, labels))
+        if isinstance(self.label_rule, AllToOne):
+            self.label_rule.place(labels)
         targets = self.targets(torch.as_tensor(labels)).numpy()
         axes = _AXES[kind]
         if kind == "angle":

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from gazeguard.attacks.base import Attack
+from gazeguard.attacks.base import AllToOne, Attack
 from gazeguard.attacks.triggers import Trigger, _to_uint8
 from gazeguard.data.dataset import Batch
 from gazeguard.errors import ConfigError
@@ -310,8 +310,10 @@ class IADGazeRegressor(L.LightningModule):
             raise ConfigError(f"IADGazeRegressor needs an IAD attack (create('iad')), got {attack!r}")
         # The recipe's values, not the transform: a deep copy of this module (defenses make
         # them) must not go through IADTrigger's CPU-moving copy, which would split the devices.
+        rule = attack.label_rule
+        aim = {"target": rule.placement or rule.target.tolist()} if isinstance(rule, AllToOne) else {}
         self.save_hyperparameters(
-            {"poison_rate": attack.poison_rate, **{name: getattr(trigger, name) for name in IADTrigger.RECIPE}}
+            {"poison_rate": attack.poison_rate, **aim, **{name: getattr(trigger, name) for name in IADTrigger.RECIPE}}
         )
         self.automatic_optimization = False
         self.victim = victim
