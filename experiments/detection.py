@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import matplotlib
 
@@ -63,9 +63,9 @@ FIELDS = ("zoo", "attack", "placement", "attack_target", "seed", "asr", "detecti
 TARGET_BAR = 5.0
 
 
-def load_model(row: dict[str, Any]) -> tuple[torch.nn.Module, Attack]:
+def load_model(row: dict[str, Any]) -> tuple[torch.nn.Module, Optional[Attack]]:
     """The zoo model of ``row`` and the attack it was trained with (for IAD: the victim inside
-    the co-trained module, and its co-trained trigger)."""
+    the co-trained module, and its co-trained trigger; ``None`` for a clean model)."""
     if row["attack"] == "iad":
         checkpoint = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)
         attack = create("iad", **checkpoint["hyper_parameters"])
